@@ -1,0 +1,38 @@
+# Two entry points, both set-up free on a fresh Debian/Ubuntu machine with Python 3.11:
+#   make demo   train (or load cached) ResNet18 on Fashion-MNIST, fold it, print a table, plot
+#   make test   lint + the test suite
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.modelfold-installed
+FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test install data lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch first (a bare `torch` requirement would pull a multi-GB CUDA build)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+data: $(FMNIST)
+
+$(FMNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+lint: install
+	$(PY) -m ruff check src tests benchmarks
+
+test: install data lint
+	$(PY) -m pytest -q
+
+demo: install data
+	$(PY) -m modelfold.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,294 @@
+"""`fold()`: validate -> discover groups -> cluster -> merge -> check."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelfold.cluster import cluster_channels, group_features
+from modelfold.config import FoldConfig, check_ratio, kept_channels
+from modelfold.errors import FoldError
+from modelfold.graph import GroupDiscovery, discover_groups
+from modelfold.merge.apply import apply_plan, predicted_parameter_count
+from modelfold.merge.plan import FoldPlan, GroupPlan
+from modelfold.record import (
+    FACTORY_ATTR,
+    RECORD_ATTR,
+    FoldRecord,
+    GroupInfo,
+    changed_attrs,
+    input_spec,
+    simple_attrs,
+)
+
+
+def fold(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ratio: float | None = None,
+    target_sparsity: float | None = None,
+    config: FoldConfig | None = None,
+    seed: int | None = None,
+    module_ratios: dict[str, float] | None = None,
+    ignored: Iterable[nn.Module] = (),
+    inplace: bool = False,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Fold `model`: cluster the channels of every coupled group and merge each cluster.
+
+    Args:
+        model: any traceable PyTorch model. It is not modified unless `inplace=True`.
+        example_inputs: a tensor, a tuple of tensors or a dict of tensors fitting `model`.
+        ratio: fraction of channels removed in every group (k = max(1, round(n(1 - ratio)))).
+        target_sparsity: fraction of parameters to remove instead; the ratio reaching it within
+            `config.sparsity_tolerance` is solved for (see `summary(...).ratio`).
+        config: a `FoldConfig`; `ratio`, `target_sparsity`, `seed`, `module_ratios` override it.
+        ignored: modules whose channel groups are left as they are.
+        inplace: fold `model` itself instead of a copy.
+        device: where to fold (the folded model stays there); defaults to the model's device.
+
+    Returns:
+        The folded model: a real, smaller `nn.Module` of the same classes.
+    """
+    config = _resolve_config(config, ratio, target_sparsity, seed, module_ratios)
+    if not isinstance(model, nn.Module):
+        raise FoldError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if example_inputs is None:
+        raise FoldError("`example_inputs` is required: a tensor, tuple or dict the model accepts.")
+    _check_parameters(model)
+    dev = _resolve_device(device, model)
+    names = {id(m): n for n, m in model.named_modules()}
+    ignored_names = []
+    for m in ignored:
+        if id(m) not in names:
+            raise FoldError(
+                f"`ignored` contains a {type(m).__name__} that is not part of the model."
+            )
+        ignored_names.append(names[id(m)])
+    for name in config.module_ratios:
+        if name not in dict(model.named_modules()):
+            raise FoldError(f"module_ratios names {name!r}, which is not a module of the model.")
+
+    attrs_before = {n: simple_attrs(m) for n, m in model.named_modules()}
+    was_training = model.training
+    work = model if inplace else copy.deepcopy(model)
+    work = work.to(dev)
+    inputs = _to_device(example_inputs, dev)
+    try:
+        with torch.no_grad():
+            reference = work.eval()(**inputs) if isinstance(inputs, dict) else _call(work, inputs)
+    except Exception as exc:
+        raise FoldError(
+            f"the model does not run on `example_inputs` ({type(exc).__name__}: {exc})."
+        ) from exc
+
+    modules = dict(work.named_modules())
+    discovery = discover_groups(work, inputs, ignored=[modules[n] for n in ignored_names])
+    params_before = sum(p.numel() for p in _unique_params(work))
+    base_ratio = config.ratio
+    if config.target_sparsity is not None:
+        base_ratio = solve_ratio(work, discovery, config, params_before)
+    plan = make_plan(discovery, config, base_ratio)
+    predicted = predicted_parameter_count(work, discovery, {g: p.k for g, p in plan.groups.items()})
+    apply_plan(discovery, plan)
+    work.train(was_training)
+
+    params_after = sum(p.numel() for p in _unique_params(work))
+    if params_after != predicted:  # pragma: no cover - an internal invariant
+        raise RuntimeError(f"modelfold bug: {params_after} parameters, predicted {predicted}.")
+    _check_output(work, inputs, reference)
+    record = FoldRecord(
+        config=config.to_dict(),
+        ratio=base_ratio,
+        plan=plan.to_dict(),
+        groups=_group_infos(discovery, plan),
+        module_attrs=changed_attrs(attrs_before, work),
+        input_spec=input_spec(example_inputs),
+        params_before=params_before,
+        params_after=params_after,
+        factory=getattr(model, FACTORY_ATTR, None),
+    )
+    setattr(work, RECORD_ATTR, record)
+    return work
+
+
+def make_plan(discovery: GroupDiscovery, config: FoldConfig, ratio: float) -> FoldPlan:
+    """Cluster every foldable group (all on the unmodified weights) into its k clusters."""
+    plan = FoldPlan(ratio=ratio)
+    for group in discovery.groups:
+        if not group.foldable:
+            continue
+        k = kept_channels(group.n, _group_ratio(group, config, ratio))
+        if k == group.n:
+            continue
+        x = group_features(group, features=config.features,
+                           normalize_blocks=config.normalize_blocks)
+        labels = cluster_channels(x, k, config)
+        plan.groups[group.name] = GroupPlan(group.name, group.kind, group.n, k,
+                                            labels.cpu().tolist())
+    return plan
+
+
+def solve_ratio(
+    model: nn.Module, discovery: GroupDiscovery, config: FoldConfig, params_before: int
+) -> float:
+    """Bisection on the ratio for the target parameter sparsity (count is monotone in ratio)."""
+    target = float(config.target_sparsity)
+
+    def sparsity(r: float) -> float:
+        kept = {g.name: kept_channels(g.n, _group_ratio(g, config, r))
+                for g in discovery.groups if g.foldable}
+        return 1.0 - predicted_parameter_count(model, discovery, kept) / params_before
+
+    lo, hi = 0.0, 0.999
+    best = max(sparsity(hi), 0.0)
+    if best + config.sparsity_tolerance < target:
+        raise FoldError(
+            f"target_sparsity={target} is unreachable: folding every group to one channel "
+            f"removes at most {best:.4f} of the parameters (groups writing the network output "
+            "and ignored modules are never folded)."
+        )
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if sparsity(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    # hi reaches at least the target; lo stays just below it. Take whichever is closer.
+    s_lo, s_hi = sparsity(lo), sparsity(hi)
+    ratio, achieved = (lo, s_lo) if abs(s_lo - target) <= abs(s_hi - target) else (hi, s_hi)
+    if abs(achieved - target) > config.sparsity_tolerance:
+        raise FoldError(
+            f"target_sparsity={target}: the nearest reachable sparsities are {s_lo:.4f} and "
+            f"{s_hi:.4f} (channel counts are integers); raise sparsity_tolerance "
+            f"({config.sparsity_tolerance}) or choose another target."
+        )
+    return ratio
+
+
+def _group_ratio(group, config: FoldConfig, ratio: float) -> float:
+    for slot in group.slots:
+        if slot.name in config.module_ratios:
+            return config.module_ratios[slot.name]
+    return ratio
+
+
+def _group_infos(discovery: GroupDiscovery, plan: FoldPlan) -> list[GroupInfo]:
+    infos = []
+    for g in discovery.groups:
+        gp = plan.groups.get(g.name)
+        status = ("output" if g.folds_output else "ignored" if g.ignored_by
+                  else "folded" if gp else "kept")
+        infos.append(GroupInfo(g.name, g.kind, g.n, gp.k if gp else g.n,
+                               sorted({s.name for s in g.slots}), status))
+    return infos
+
+
+def _resolve_config(config, ratio, target_sparsity, seed, module_ratios) -> FoldConfig:
+    if config is not None and not isinstance(config, FoldConfig):
+        raise FoldError(f"`config` must be a FoldConfig, got {type(config).__name__}.")
+    if ratio is not None and target_sparsity is not None:
+        raise FoldError("give either `ratio` or `target_sparsity`, not both.")
+    if ratio is not None:
+        check_ratio(ratio, "ratio")
+    if target_sparsity is not None:
+        check_ratio(target_sparsity, "target_sparsity")
+    data = config.to_dict() if config is not None else {}
+    if ratio is not None:
+        data.update(ratio=ratio, target_sparsity=None)
+    if target_sparsity is not None:
+        data.update(target_sparsity=target_sparsity, ratio=None)
+    if seed is not None:
+        data["seed"] = seed
+    if module_ratios is not None:
+        data["module_ratios"] = dict(module_ratios)
+    if data.get("ratio") is None and data.get("target_sparsity") is None:
+        raise FoldError("give `ratio` (fraction of channels removed) or `target_sparsity`.")
+    return FoldConfig.from_dict(data)
+
+
+def _check_parameters(model: nn.Module) -> None:
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.device.type == "meta":
+            raise FoldError(f"parameter {name!r} is on the meta device; load real weights first.")
+        if not p.is_floating_point() and name.rsplit(".", 1)[-1] != "num_batches_tracked":
+            raise FoldError(
+                f"tensor {name!r} has dtype {p.dtype}; quantized or integer weights cannot be "
+                "folded. Fold the float model, then quantize."
+            )
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise FoldError(f"tensor {name!r} contains NaN or Inf values.")
+
+
+def _resolve_device(device, model: nn.Module) -> torch.device:
+    if device is None:
+        first = next(model.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise FoldError(f"`device`={device!r} is not a valid torch device.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FoldError(f"`device`={device!r} was requested but no CUDA GPU is available.")
+    return dev
+
+
+def _to_device(x: Any, dev: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(dev)
+    if isinstance(x, dict):
+        return {k: _to_device(v, dev) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, dev) for v in x)
+    raise FoldError(
+        "`example_inputs` must be a tensor, a tuple/list of tensors or a dict of tensors, "
+        f"got {type(x).__name__}."
+    )
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(*inputs) if isinstance(inputs, (list, tuple)) else model(inputs)
+
+
+def _shapes(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict):
+        return {k: _shapes(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [_shapes(v) for v in out]
+    return None
+
+
+def _check_output(model: nn.Module, inputs: Any, reference: Any) -> None:
+    was = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(**inputs) if isinstance(inputs, dict) else _call(model, inputs)
+    except Exception as exc:
+        raise FoldError(
+            f"the folded model fails on `example_inputs` ({type(exc).__name__}: {exc}); an op the "
+            "dependency graph cannot see couples channels. Pass the modules around it in "
+            "`ignored=`."
+        ) from exc
+    finally:
+        model.train(was)
+    if _shapes(out) != _shapes(reference):
+        raise FoldError(
+            f"folding changed the output shapes {_shapes(reference)} -> {_shapes(out)}; an op "
+            "the dependency graph cannot see couples channels with the output. Pass the "
+            "modules around it in `ignored=`."
+        )
+
+
+def _unique_params(model: nn.Module):
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p

@@ -1,0 +1,123 @@
+"""`FoldConfig`: every knob of a fold, declarative and JSON-serialisable (torchao style)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from modelfold.errors import FoldError
+
+CONFIG_VERSION = 1
+
+Clusterer = Literal["kmeans", "ward"]
+FeatureSet = Literal["full", "producer"]
+
+
+@dataclass
+class FoldConfig:
+    """Everything that decides what `modelfold.fold` computes.
+
+    Attributes:
+        ratio: fraction of channels removed in every coupled group; a group of n channels keeps
+            k = max(1, round(n * (1 - ratio))) (the paper's semantics).
+        target_sparsity: fraction of the model's parameters to remove instead of a fixed ratio;
+            the ratio reaching it within `sparsity_tolerance` is searched for.
+        module_ratios: per-module overrides, module name (as in `named_modules`) -> ratio. A group
+            takes the override of its root module (the first producer in the group).
+        clusterer: "kmeans" (Lloyd, k-means++ init) or "ward" (agglomerative, Ward linkage).
+        features: "full" = producer rows + consumer columns (reference R1 semantics),
+            "producer" = producer rows only.
+        normalize_blocks: scale every tensor block of a feature vector to unit Frobenius norm
+            so large tensors do not dominate the distance.
+        n_init, max_iter, tol: k-means restarts, Lloyd iterations and relative-shift tolerance.
+        seed: seed of the clustering (the result is deterministic for a given seed).
+        sparsity_tolerance: allowed gap between achieved and target parameter sparsity.
+    """
+
+    ratio: float | None = None
+    target_sparsity: float | None = None
+    module_ratios: dict[str, float] = field(default_factory=dict)
+    clusterer: Clusterer = "kmeans"
+    features: FeatureSet = "full"
+    normalize_blocks: bool = False
+    n_init: int = 3
+    max_iter: int = 100
+    tol: float = 1e-6
+    seed: int = 0
+    sparsity_tolerance: float = 0.01
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if (self.ratio is None) == (self.target_sparsity is None):
+            raise FoldError("FoldConfig: give exactly one of `ratio` or `target_sparsity`.")
+        if self.ratio is not None:
+            check_ratio(self.ratio, "ratio")
+        if self.target_sparsity is not None:
+            check_ratio(self.target_sparsity, "target_sparsity")
+        for name, r in self.module_ratios.items():
+            check_ratio(r, f"module_ratios[{name!r}]")
+        if self.clusterer not in ("kmeans", "ward"):
+            raise FoldError(
+                f"FoldConfig.clusterer={self.clusterer!r} is unknown; use 'kmeans' or 'ward'."
+            )
+        if self.features not in ("full", "producer"):
+            raise FoldError(
+                f"FoldConfig.features={self.features!r} is unknown; use 'full' or 'producer'."
+            )
+        for name in ("n_init", "max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FoldError(f"FoldConfig.{name} must be a positive integer, got {value!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise FoldError(f"FoldConfig.seed must be an integer, got {self.seed!r}.")
+        if not 0 < self.sparsity_tolerance < 1:
+            raise FoldError("FoldConfig.sparsity_tolerance must lie in (0, 1).")
+        if self.version != CONFIG_VERSION:
+            raise FoldError(
+                f"FoldConfig version {self.version} is not supported by this modelfold "
+                f"(expects {CONFIG_VERSION})."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FoldConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise FoldError(f"FoldConfig: unknown keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> FoldConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FoldError(f"FoldConfig: invalid JSON ({exc}).") from exc
+        if not isinstance(data, dict):
+            raise FoldError("FoldConfig: JSON must be an object.")
+        return cls.from_dict(data)
+
+
+def check_ratio(value: object, name: str) -> float:
+    """A ratio is a real number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FoldError(f"`{name}` must be a number in [0, 1), got {type(value).__name__}.")
+    if not math.isfinite(value) or not 0.0 <= value < 1.0:
+        raise FoldError(f"`{name}` must lie in [0, 1), got {value}.")
+    return float(value)
+
+
+def kept_channels(n: int, ratio: float) -> int:
+    """k = max(1, round(n * (1 - ratio))), rounding halves up (no banker's rounding)."""
+    return max(1, min(n, math.floor(n * (1.0 - ratio) + 0.5)))

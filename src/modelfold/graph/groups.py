@@ -1,0 +1,196 @@
+"""Derive coupled channel groups from the traced graph with Torch-Pruning's DependencyGraph.
+
+Torch-Pruning already propagates "same channel index" through residual adds, norms, flatten
+(channel -> channel x spatial block), concat/split and depthwise convs. We reuse its groups and
+only add what folding needs on top: each slot's role (producer rows are averaged, consumer
+columns are summed), the root channel every local index belongs to, and attention-head groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from modelfold.errors import FoldError
+from modelfold.merge.handlers import (
+    attention_pruners,
+    find_attention_handler,
+    find_layer_handler,
+    slot_role,
+)
+
+Role = Literal["producer", "consumer"]
+
+
+@dataclass
+class Slot:
+    """One module (or bare parameter) whose axis is indexed by a group's channels."""
+
+    name: str
+    module: Any  # nn.Module or nn.Parameter
+    role: Role
+    idxs: list[int]  # local indices along the folded axis
+    root_idxs: list[int]  # group channel of every local index (flatten repeats a channel)
+
+
+@dataclass
+class ChannelGroup:
+    """n channels shared by several tensor slots; folded with one clustering.
+
+    kind="channels": a Torch-Pruning group rooted at `root` (its output channels).
+    kind="heads": the heads of one attention module (units of head_dim rows).
+    """
+
+    name: str
+    n: int
+    kind: Literal["channels", "heads"] = "channels"
+    slots: list[Slot] = field(default_factory=list)
+    folds_output: bool = False  # touches the network output: never folded
+    ignored_by: str | None = None  # name of an ignored module inside the group
+
+    @property
+    def foldable(self) -> bool:
+        return not self.folds_output and self.ignored_by is None and self.n > 1
+
+    def module_names(self) -> list[str]:
+        return [s.name for s in self.slots]
+
+
+@dataclass
+class GroupDiscovery:
+    """The dependency graph and every channel group of a model."""
+
+    graph: tp.DependencyGraph
+    groups: list[ChannelGroup]
+    module_names: dict[int, str]
+
+    def refresh(self, group: ChannelGroup) -> ChannelGroup:
+        """Re-derive a channel group's slots on the model's current shapes.
+
+        Folding another group may have shifted local indices (e.g. concat offsets), so the slots
+        are recomputed right before a group is merged.
+        """
+        if group.kind != "channels":
+            return group
+        root = group.slots[0]
+        fresh = _slots_of(self.graph, self.graph.get_pruning_group(
+            root.module, _root_fn(self.graph, root.module), list(range(group.n))
+        ), self.module_names)
+        return ChannelGroup(group.name, group.n, group.kind, fresh, group.folds_output,
+                            group.ignored_by)
+
+
+def _root_fn(graph: tp.DependencyGraph, module: nn.Module):
+    return graph.get_pruner_of_module(module).prune_out_channels
+
+
+def _slots_of(graph: tp.DependencyGraph, tp_group, names: dict[int, str]) -> list[Slot]:
+    slots: list[Slot] = []
+    for item in tp_group.items:
+        target = item.dep.target
+        if target.type in _DUMMY_OPS:
+            continue
+        module = target.module
+        name = names.get(id(module), target.name or repr(module))
+        role = slot_role(module, item.dep.handler, graph)
+        slots.append(Slot(name, module, role, list(item.idxs), list(item.root_idxs)))
+    return slots
+
+
+_DUMMY_OPS = {
+    tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE,
+    tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.OUTPUT,
+}
+
+
+def _touches_output(graph: tp.DependencyGraph, tp_group) -> bool:
+    """True when a tensor written by the group is (part of) the network output."""
+    for item in tp_group.items:
+        node = item.dep.target
+        if len(node.outputs) == 0 and graph.is_out_channel_pruning_fn(item.dep.handler):
+            return True
+    return False
+
+
+def discover_groups(
+    model: nn.Module,
+    example_inputs: Any,
+    ignored: Iterable[nn.Module] = (),
+) -> GroupDiscovery:
+    """Trace `model` on `example_inputs` and list its channel groups.
+
+    Every group whose slots include a module of `ignored` (or a child of one) is left unfolded;
+    groups that write the network output are never folded.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    names.update({id(p): n for n, p in model.named_parameters()})
+    ignored_ids = {id(sub) for m in ignored for sub in m.modules()}
+    customized = attention_pruners(model)
+    graph = tp.DependencyGraph()
+    try:
+        with torch.enable_grad():
+            graph.build_dependency(
+                model, example_inputs=_as_trace_inputs(example_inputs),
+                customized_pruners=customized, verbose=False,
+            )
+    except FoldError:
+        raise
+    except Exception as exc:  # tracing runs arbitrary user code
+        raise FoldError(
+            f"could not trace the model on `example_inputs` ({type(exc).__name__}: {exc}). "
+            "Check that `example_inputs` fit the model's forward()."
+        ) from exc
+
+    root_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *customized)
+    groups: list[ChannelGroup] = []
+    for tp_group in graph.get_all_groups(root_module_types=root_types):
+        slots = _slots_of(graph, tp_group, names)
+        if not slots:
+            continue
+        n = len(tp_group.items[0].idxs)
+        group = ChannelGroup(name=slots[0].name, n=n, slots=slots,
+                             folds_output=_touches_output(graph, tp_group))
+        for slot in slots:
+            if id(slot.module) in ignored_ids:
+                group.ignored_by = slot.name
+                break
+        if group.foldable:
+            for slot in slots:  # fail early, naming the module, if no merge rule exists
+                handler = find_layer_handler(slot.module, slot.name)
+                try:
+                    handler.tensors(slot.module, slot.role)
+                except FoldError as exc:
+                    raise FoldError(f"module {slot.name!r}: {exc}") from exc
+        groups.append(group)
+
+    for name, module in model.named_modules():
+        handler = find_attention_handler(module)
+        if handler is None:
+            continue
+        n = handler.num_heads(module)
+        group = ChannelGroup(name=f"{name}.heads", n=n, kind="heads",
+                             slots=[Slot(name, module, "producer", list(range(n)),
+                                         list(range(n)))])
+        if id(module) in ignored_ids:
+            group.ignored_by = name
+        groups.append(group)
+    return GroupDiscovery(graph=graph, groups=groups, module_names=names)
+
+
+def _as_trace_inputs(example_inputs: Any) -> Any:
+    """Torch-Pruning calls model(*inputs) for sequences and model(**inputs) for dicts."""
+    if isinstance(example_inputs, torch.Tensor):
+        return example_inputs
+    if isinstance(example_inputs, dict):
+        return dict(example_inputs)
+    if isinstance(example_inputs, Sequence):
+        return list(example_inputs)
+    raise FoldError(
+        "`example_inputs` must be a tensor, a tuple/list of tensors or a dict of tensors, "
+        f"got {type(example_inputs).__name__}."
+    )

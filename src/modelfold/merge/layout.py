@@ -1,0 +1,73 @@
+"""Index algebra shared by feature extraction and merging.
+
+A slot's local indices map onto group channels through `root_idxs`; a channel may own several
+local indices (e.g. 49 after flattening a 7x7 map into a Linear). `SlotLayout.positions[i, p]`
+is the position, in the slot's index list, of the p-th local index of channel i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modelfold.errors import FoldError
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    idxs: torch.Tensor  # (m,) local indices
+    positions: torch.Tensor  # (n, e) positions into idxs
+
+    @classmethod
+    def build(cls, idxs: list[int], root_idxs: list[int], n: int, where: str) -> SlotLayout:
+        by_root: list[list[int]] = [[] for _ in range(n)]
+        for pos, (local, root) in enumerate(zip(idxs, root_idxs, strict=True)):
+            if not 0 <= root < n:
+                raise FoldError(f"{where}: channel index {root} outside the group's {n} channels.")
+            by_root[root].append((local, pos))
+        expansion = {len(r) for r in by_root}
+        if len(expansion) != 1 or 0 in expansion:
+            raise FoldError(
+                f"{where}: channels map onto unequal numbers of positions {sorted(expansion)}; "
+                "this coupling cannot be folded. Pass the module in `ignored=`."
+            )
+        positions = [[pos for _, pos in sorted(r)] for r in by_root]
+        return cls(torch.tensor(idxs, dtype=torch.long), torch.tensor(positions, dtype=torch.long))
+
+    @property
+    def n(self) -> int:
+        return self.positions.shape[0]
+
+    def gather(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
+        """(n, e * rest) matrix: channel i's slice of `tensor` along `axis`, flattened."""
+        moved = tensor.detach().movedim(axis, 0)
+        sel = moved.index_select(0, self.idxs.to(moved.device))
+        grouped = sel[self.positions.to(moved.device)]  # (n, e, *rest)
+        return grouped.reshape(self.n, -1)
+
+    def fold(
+        self, tensor: torch.Tensor, axis: int, labels: torch.Tensor, reps: torch.Tensor,
+        reduce: str,
+    ) -> torch.Tensor:
+        """A copy of `tensor` whose representative channels hold their cluster's mean or sum.
+
+        Math runs in float64 (the result is cast back), so fp16/bf16 models merge exactly.
+        """
+        dev = tensor.device
+        moved = tensor.detach().movedim(axis, 0).double()
+        idxs = self.idxs.to(dev)
+        grouped = moved.index_select(0, idxs)[self.positions.to(dev)]  # (n, e, *rest)
+        k = reps.numel()
+        labels = labels.to(dev)
+        agg = torch.zeros((k, *grouped.shape[1:]), dtype=grouped.dtype, device=dev)
+        agg.index_add_(0, labels, grouped)
+        if reduce == "mean":
+            counts = torch.bincount(labels, minlength=k).to(agg.dtype)
+            agg /= counts.view(-1, *([1] * (agg.ndim - 1)))
+        elif reduce != "sum":
+            raise ValueError(reduce)
+        targets = idxs[self.positions.to(dev)[reps.to(dev)]].reshape(-1)  # (k*e,)
+        out = moved.clone()
+        out.index_copy_(0, targets, agg.reshape(-1, *agg.shape[2:]))
+        return out.to(tensor.dtype).movedim(0, axis).contiguous()

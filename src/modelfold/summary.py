@@ -1,0 +1,90 @@
+"""`summary(model, folded)`: parameters, MACs and every group n -> k, side by side."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from modelfold.errors import FoldError
+from modelfold.record import GroupInfo, get_record, inputs_from_spec
+
+
+@dataclass
+class FoldSummary:
+    params_before: int
+    params_after: int
+    macs_before: int | None
+    macs_after: int | None
+    ratio: float
+    groups: list[GroupInfo]
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of parameters removed."""
+        return 1.0 - self.params_after / self.params_before
+
+    @property
+    def mac_reduction(self) -> float | None:
+        if not self.macs_before or self.macs_after is None:
+            return None
+        return 1.0 - self.macs_after / self.macs_before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "params_before": self.params_before, "params_after": self.params_after,
+            "sparsity": self.sparsity, "macs_before": self.macs_before,
+            "macs_after": self.macs_after, "ratio": self.ratio,
+            "groups": [vars(g) for g in self.groups],
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"parameters : {self.params_before:>14,} -> {self.params_after:>14,}"
+            f"  ({self.sparsity:.1%} removed)",
+        ]
+        if self.macs_before is not None and self.macs_after is not None:
+            lines.append(f"MACs       : {self.macs_before:>14,} -> {self.macs_after:>14,}"
+                         f"  ({self.mac_reduction:.1%} removed)")
+        lines.append(f"ratio      : {self.ratio:.4f}")
+        width = max([len(g.name) for g in self.groups] + [5])
+        lines.append(f"{'group':<{width}}  {'kind':<8}  {'n':>6} -> {'k':<6} {'status':<8} modules")
+        for g in self.groups:
+            mods = ", ".join(g.modules[:4]) + (f", +{len(g.modules) - 4}" if len(g.modules) > 4
+                                               else "")
+            lines.append(f"{g.name:<{width}}  {g.kind:<8}  {g.n:>6} -> {g.k:<6} {g.status:<8} "
+                         f"{mods}")
+        return "\n".join(lines)
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """Multiply-accumulates of one forward pass (Torch-Pruning's op counter)."""
+    probe = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        macs, _ = tp.utils.count_ops_and_params(probe, example_inputs)
+    return int(macs)
+
+
+def summary(
+    model: nn.Module | None, folded: nn.Module, example_inputs: Any = None
+) -> FoldSummary:
+    """Compare a model with its folded version (`model` may be None after `load`)."""
+    record = get_record(folded)
+    if record is None:
+        raise FoldError("`folded` carries no fold record: pass a model returned by "
+                        "modelfold.fold or modelfold.load.")
+    if example_inputs is None:
+        device = next(folded.parameters()).device
+        example_inputs = inputs_from_spec(record.input_spec, device)
+    macs_before = count_macs(model, example_inputs) if model is not None else record.extra.get(
+        "macs_before")
+    macs_after = count_macs(folded, example_inputs)
+    params_before = (sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+                     if model is not None else record.params_before)
+    params_after = sum(p.numel() for p in {id(p): p for p in folded.parameters()}.values())
+    return FoldSummary(params_before, params_after, macs_before, macs_after, record.ratio,
+                       record.groups)
