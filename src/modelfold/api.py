@@ -24,6 +24,7 @@ from modelfold.record import (
     input_spec,
     simple_attrs,
 )
+from modelfold.repair import get_repair
 
 
 def fold(
@@ -38,6 +39,8 @@ def fold(
     ignored: Iterable[nn.Module] = (),
     inplace: bool = False,
     device: str | torch.device | None = None,
+    repair: str | None = None,
+    calibration: Any = None,
 ) -> nn.Module:
     """Fold `model`: cluster the channels of every coupled group and merge each cluster.
 
@@ -51,11 +54,15 @@ def fold(
         ignored: modules whose channel groups are left as they are.
         inplace: fold `model` itself instead of a copy.
         device: where to fold (the folded model stays there); defaults to the model's device.
+        repair: "none" (Fold-Naive, default), "data" (Fold-R), "approx" (Fold-AR) or
+            "deep_inversion" (Fold-DIR); see `modelfold.repair`.
+        calibration: input batches for repair="data" (a tensor, DataLoader or iterable).
 
     Returns:
         The folded model: a real, smaller `nn.Module` of the same classes.
     """
-    config = _resolve_config(config, ratio, target_sparsity, seed, module_ratios)
+    config = _resolve_config(config, ratio, target_sparsity, seed, module_ratios, repair)
+    repairer = get_repair(config.repair)
     if not isinstance(model, nn.Module):
         raise FoldError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     if example_inputs is None:
@@ -87,20 +94,48 @@ def fold(
             f"the model does not run on `example_inputs` ({type(exc).__name__}: {exc})."
         ) from exc
 
+    needs_original = config.repair in ("data", "deep_inversion")
+    if not needs_original:
+        original = work  # unused by the repair
+    elif inplace or _device_of(model) != dev:
+        original = copy.deepcopy(work)  # work is still unfolded here
+    else:
+        original = model  # only read (hooks, eval mode restored afterwards)
     modules = dict(work.named_modules())
     discovery = discover_groups(work, inputs, ignored=[modules[n] for n in ignored_names])
     params_before = sum(p.numel() for p in _unique_params(work))
+    if params_before == 0:
+        raise FoldError("the model has no parameters to fold.")
+    producers = {s.name for g in discovery.groups if g.foldable for s in g.slots
+                 if s.role == "producer"}
+    for name in config.module_ratios:
+        if name not in producers:
+            raise FoldError(
+                f"module_ratios[{name!r}]: this module writes no foldable channel group (its "
+                "outputs are the network output, ignored, or coupled by an unsupported op)."
+            )
     base_ratio = config.ratio
     if config.target_sparsity is not None:
         base_ratio = solve_ratio(work, discovery, config, params_before)
+    repairer.before_plan(work, discovery, config)
     plan = make_plan(discovery, config, base_ratio)
     predicted = predicted_parameter_count(work, discovery, {g: p.k for g, p in plan.groups.items()})
+    repairer.before_merge(work, discovery, plan, config)
     apply_plan(discovery, plan)
+    original_training = original.training
+    try:
+        repairer.after_merge(original, work, discovery, plan, config, calibration, inputs)
+    finally:
+        original.train(original_training)
     work.train(was_training)
 
     params_after = sum(p.numel() for p in _unique_params(work))
-    if params_after != predicted:  # pragma: no cover - an internal invariant
-        raise RuntimeError(f"modelfold bug: {params_after} parameters, predicted {predicted}.")
+    if params_after != predicted:
+        raise FoldError(
+            f"folding removed a different number of parameters than the channel groups imply "
+            f"({params_after} left, {predicted} expected): an op the dependency graph cannot see "
+            "couples channels. Pass the modules around it in `ignored=`."
+        )
     _check_output(work, inputs, reference)
     record = FoldRecord(
         config=config.to_dict(),
@@ -145,7 +180,7 @@ def solve_ratio(
                 for g in discovery.groups if g.foldable}
         return 1.0 - predicted_parameter_count(model, discovery, kept) / params_before
 
-    lo, hi = 0.0, 0.999
+    lo, hi = 0.0, 1.0 - 1e-12  # at hi every group keeps one channel
     best = max(sparsity(hi), 0.0)
     if best + config.sparsity_tolerance < target:
         raise FoldError(
@@ -172,8 +207,9 @@ def solve_ratio(
 
 
 def _group_ratio(group, config: FoldConfig, ratio: float) -> float:
+    """A group takes the override of a module that writes its channels (a producer)."""
     for slot in group.slots:
-        if slot.name in config.module_ratios:
+        if slot.role == "producer" and slot.name in config.module_ratios:
             return config.module_ratios[slot.name]
     return ratio
 
@@ -189,7 +225,7 @@ def _group_infos(discovery: GroupDiscovery, plan: FoldPlan) -> list[GroupInfo]:
     return infos
 
 
-def _resolve_config(config, ratio, target_sparsity, seed, module_ratios) -> FoldConfig:
+def _resolve_config(config, ratio, target_sparsity, seed, module_ratios, repair) -> FoldConfig:
     if config is not None and not isinstance(config, FoldConfig):
         raise FoldError(f"`config` must be a FoldConfig, got {type(config).__name__}.")
     if ratio is not None and target_sparsity is not None:
@@ -207,16 +243,19 @@ def _resolve_config(config, ratio, target_sparsity, seed, module_ratios) -> Fold
         data["seed"] = seed
     if module_ratios is not None:
         data["module_ratios"] = dict(module_ratios)
+    if repair is not None:
+        data["repair"] = repair
     if data.get("ratio") is None and data.get("target_sparsity") is None:
         raise FoldError("give `ratio` (fraction of channels removed) or `target_sparsity`.")
     return FoldConfig.from_dict(data)
 
 
 def _check_parameters(model: nn.Module) -> None:
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+    params = dict(model.named_parameters())
+    for name, p in [*params.items(), *model.named_buffers()]:
         if p.device.type == "meta":
-            raise FoldError(f"parameter {name!r} is on the meta device; load real weights first.")
-        if not p.is_floating_point() and name.rsplit(".", 1)[-1] != "num_batches_tracked":
+            raise FoldError(f"tensor {name!r} is on the meta device; load real weights first.")
+        if name in params and not p.is_floating_point():
             raise FoldError(
                 f"tensor {name!r} has dtype {p.dtype}; quantized or integer weights cannot be "
                 "folded. Fold the float model, then quantize."
@@ -225,10 +264,14 @@ def _check_parameters(model: nn.Module) -> None:
             raise FoldError(f"tensor {name!r} contains NaN or Inf values.")
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _resolve_device(device, model: nn.Module) -> torch.device:
     if device is None:
-        first = next(model.parameters(), None)
-        return first.device if first is not None else torch.device("cpu")
+        return _device_of(model)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:

@@ -76,6 +76,34 @@ def load_checkpoint(checkpoint: Path, model_name: str | None, model_kwargs: str 
     return model.eval()
 
 
+def load_calibration(source: str):
+    """A tensor of inputs from a file, or 1,024 Fashion-MNIST training images."""
+    import torch
+
+    if source == "fashion-mnist":
+        from modelfold.data import load_fashion_mnist
+
+        images = load_fashion_mnist("train").tensors[0]
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:1024]
+        return images[pick]
+    path = Path(source)
+    if not path.is_file():
+        _fail(f"--calibration {source}: no such file (or use 'fashion-mnist').")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            data = tensors.get("inputs", next(iter(tensors.values()), None))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        _fail(f"--calibration {source}: cannot read a tensor ({type(exc).__name__}: {exc}).")
+    if not isinstance(data, torch.Tensor):
+        _fail(f"--calibration {source} must hold one tensor of inputs.")
+    return data
+
+
 @app.command()
 def fold(
     checkpoint: Annotated[Path, typer.Argument(help="modelfold folder, or weights file "
@@ -92,10 +120,19 @@ def fold(
         help='JSON keyword arguments for --model, e.g. \'{"width": 16}\'.')] = None,
     input_shape: Annotated[str, typer.Option(help="Example input shape for tracing.")]
     = "1,3,32,32",
-    seed: Annotated[int, typer.Option(help="Clustering seed.")] = 0,
-    clusterer: Annotated[str, typer.Option(help="kmeans or ward.")] = "kmeans",
+    seed: Annotated[int | None, typer.Option(help="Clustering seed [default: 0].")] = None,
+    clusterer: Annotated[str | None, typer.Option(help="kmeans or ward [default: kmeans].")]
+    = None,
     config: Annotated[Path | None, typer.Option(help="FoldConfig JSON file (flags override).")]
     = None,
+    repair: Annotated[str | None, typer.Option(
+        help="none (Fold-Naive), data (Fold-R, needs --calibration), approx (Fold-AR, "
+             "data-free) or deep_inversion (Fold-DIR) [default: none].")] = None,
+    calibration: Annotated[str | None, typer.Option(
+        help="Calibration inputs for --repair data: a tensor file (.safetensors/.pt) or "
+             "'fashion-mnist' (1,024 training images).")] = None,
+    di_preset: Annotated[str | None, typer.Option(
+        help="DeepInversion settings: paper or cpu [default: paper].")] = None,
 ) -> None:
     """Fold a model and save the smaller model to --out."""
     import torch
@@ -103,18 +140,27 @@ def fold(
     import modelfold as mf
 
     try:
-        cfg = mf.FoldConfig.from_json(config.read_text()) if config else None
-        if cfg is None:
-            cfg = mf.FoldConfig(ratio=ratio if target_sparsity is None else None,
-                                target_sparsity=target_sparsity, seed=seed, clusterer=clusterer)
-            ratio_arg, sparsity_arg = None, None
-        else:
-            ratio_arg, sparsity_arg = ratio, target_sparsity
+        from dataclasses import asdict
+
+        from modelfold.repair import DeepInversionConfig
+
+        if ratio is not None and target_sparsity is not None:
+            _fail("give either --ratio or --target-sparsity, not both.")
+        data = mf.FoldConfig.from_json(config.read_text()).to_dict() if config else {}
+        if ratio is not None:
+            data.update(ratio=ratio, target_sparsity=None)
+        if target_sparsity is not None:
+            data.update(target_sparsity=target_sparsity, ratio=None)
+        flags = {"seed": seed, "clusterer": clusterer, "repair": repair}
+        data.update({k: v for k, v in flags.items() if v is not None})
+        if di_preset is not None:
+            data["deep_inversion"] = asdict(DeepInversionConfig.preset(di_preset))
+        cfg = mf.FoldConfig.from_dict(data)
+        calibration_data = load_calibration(calibration) if calibration else None
         base = load_checkpoint(checkpoint, model, model_kwargs)
         example = torch.zeros(_parse_shape(input_shape))
         with console.status("folding..."):
-            folded = mf.fold(base, example, config=cfg, ratio=ratio_arg,
-                             target_sparsity=sparsity_arg)
+            folded = mf.fold(base, example, config=cfg, calibration=calibration_data)
         mf.save(folded, out)
         console.print(str(mf.summary(base, folded, example)))
         console.print(f"[green]saved[/] {out}")
@@ -142,7 +188,7 @@ def summary(
 def demo(
     width: Annotated[int, typer.Option(help="ResNet18 base width.")] = 16,
     epochs: Annotated[int, typer.Option(help="Training epochs when no cached model exists.")]
-    = 1,
+    = 2,
     out: Annotated[Path, typer.Option(help="Where the table and plot go.")]
     = Path("benchmarks/results"),
 ) -> None:

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from modelfold.errors import FoldError
+from modelfold.repair.deep_inversion import DeepInversionConfig
 
 CONFIG_VERSION = 1
 
 Clusterer = Literal["kmeans", "ward"]
+RepairName = Literal["none", "data", "approx", "deep_inversion"]
 FeatureSet = Literal["full", "producer"]
 
 
@@ -35,6 +37,14 @@ class FoldConfig:
         n_init, max_iter, tol: k-means restarts, Lloyd iterations and relative-shift tolerance.
         seed: seed of the clustering (the result is deterministic for a given seed).
         sparsity_tolerance: allowed gap between achieved and target parameter sparsity.
+        repair: "none" (Fold-Naive), "data" (Fold-R, needs `calibration`), "approx"
+            (Fold-AR, data-free) or "deep_inversion" (Fold-DIR).
+        calibration_samples: sample budget of "data" / "deep_inversion" repair.
+        ar_correlation: Fold-AR correlation features, "producer" rows (the derivation) or the
+            "full" group vectors (the reference code's last version).
+        ar_floor: positive floor of Fold-AR's denominator 1 + (N - 1) rho.
+        deep_inversion: `DeepInversionConfig` fields (defaults: the reference's settings; see
+            `DeepInversionConfig.preset("cpu")` for a fast one).
     """
 
     ratio: float | None = None
@@ -48,6 +58,13 @@ class FoldConfig:
     tol: float = 1e-6
     seed: int = 0
     sparsity_tolerance: float = 0.01
+    repair: RepairName = "none"
+    calibration_samples: int = 1024
+    ar_correlation: Literal["producer", "full", "spatial_mean"] = "producer"
+    ar_floor: float = 0.05
+    deep_inversion: dict[str, Any] = field(
+        default_factory=lambda: dataclasses.asdict(DeepInversionConfig())
+    )
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -70,7 +87,21 @@ class FoldConfig:
             raise FoldError(
                 f"FoldConfig.features={self.features!r} is unknown; use 'full' or 'producer'."
             )
-        for name in ("n_init", "max_iter"):
+        from modelfold.repair import repair_names
+
+        if self.repair not in repair_names():
+            raise FoldError(f"FoldConfig.repair={self.repair!r} is unknown; use one of "
+                            f"{repair_names()}.")
+        if self.ar_correlation not in ("full", "producer", "spatial_mean"):
+            raise FoldError(f"FoldConfig.ar_correlation={self.ar_correlation!r} is unknown; use "
+                            "'producer' or 'full'.")
+        if not 0 < self.ar_floor <= 1:
+            raise FoldError(f"FoldConfig.ar_floor must lie in (0, 1], got {self.ar_floor}.")
+        try:
+            DeepInversionConfig(**self.deep_inversion).validate()
+        except TypeError as exc:
+            raise FoldError(f"FoldConfig.deep_inversion: {exc}.") from exc
+        for name in ("n_init", "max_iter", "calibration_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FoldError(f"FoldConfig.{name} must be a positive integer, got {value!r}.")

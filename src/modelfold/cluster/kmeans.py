@@ -6,6 +6,7 @@ device-agnostic clusterer that stays inside torch (no round trip for CUDA tensor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,10 @@ def _dist_to(x: torch.Tensor, i: int) -> torch.Tensor:
 
 
 def _plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ (as scikit-learn): of 2 + ln k candidates drawn by D^2 sampling, keep
+    the one that lowers the potential most."""
     n = x.shape[0]
+    trials = 2 + int(math.log(k))
     first = int(torch.randint(n, (1,), generator=gen))
     centers = [first]
     closest = _dist_to(x, first)
@@ -50,11 +54,19 @@ def _plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
             unused = torch.ones(n, dtype=torch.bool, device=x.device)
             unused[centers] = False
             nxt = int(torch.nonzero(unused)[0])
-        else:
-            probs = (closest / total).double().cpu()
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
-        centers.append(nxt)
-        closest = torch.minimum(closest, _dist_to(x, nxt))
+            centers.append(nxt)
+            closest = torch.minimum(closest, _dist_to(x, nxt))
+            continue
+        probs = (closest / total).double().cpu()
+        candidates = torch.multinomial(probs, trials, replacement=True, generator=gen).tolist()
+        best, best_pot, best_closest = -1, float("inf"), closest
+        for cand in candidates:
+            trial = torch.minimum(closest, _dist_to(x, cand))
+            pot = float(trial.sum())
+            if pot < best_pot:
+                best, best_pot, best_closest = cand, pot, trial
+        centers.append(best)
+        closest = best_closest
     return x[centers].clone()
 
 
@@ -106,6 +118,7 @@ def kmeans(
     if k == n:
         return KMeansResult(torch.arange(n, device=x.device), 0.0)
     x = x.float()
+    x = x - x.mean(0)  # centring keeps |x|^2 - 2 x.c + |c|^2 accurate in float32
     if k == 1:
         labels = torch.zeros(n, dtype=torch.long, device=x.device)
         return KMeansResult(labels, float(((x - x.mean(0)) ** 2).sum()))

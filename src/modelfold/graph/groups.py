@@ -23,6 +23,7 @@ from modelfold.merge.handlers import (
     find_layer_handler,
     slot_role,
 )
+from modelfold.merge.layout import SlotLayout
 
 Role = Literal["producer", "consumer"]
 
@@ -52,10 +53,12 @@ class ChannelGroup:
     slots: list[Slot] = field(default_factory=list)
     folds_output: bool = False  # touches the network output: never folded
     ignored_by: str | None = None  # name of an ignored module inside the group
+    unsafe: str | None = None  # why merging this group would not be a valid fold
 
     @property
     def foldable(self) -> bool:
-        return not self.folds_output and self.ignored_by is None and self.n > 1
+        return (not self.folds_output and self.ignored_by is None and self.unsafe is None
+                and self.n > 1)
 
     def module_names(self) -> list[str]:
         return [s.name for s in self.slots]
@@ -82,7 +85,7 @@ class GroupDiscovery:
             root.module, _root_fn(self.graph, root.module), list(range(group.n))
         ), self.module_names)
         return ChannelGroup(group.name, group.n, group.kind, fresh, group.folds_output,
-                            group.ignored_by)
+                            group.ignored_by, group.unsafe)
 
 
 def _root_fn(graph: tp.DependencyGraph, module: nn.Module):
@@ -98,6 +101,9 @@ def _slots_of(graph: tp.DependencyGraph, tp_group, names: dict[int, str]) -> lis
         module = target.module
         name = names.get(id(module), target.name or repr(module))
         role = slot_role(module, item.dep.handler, graph)
+        if target.type == tp.ops.OPTYPE.PARAMETER:
+            # Torch-Pruning's channel dim of a bare parameter; read by its merge rule
+            module._modelfold_dim = target.pruning_dim % module.ndim
         slots.append(Slot(name, module, role, list(item.idxs), list(item.root_idxs)))
     return slots
 
@@ -108,13 +114,71 @@ _DUMMY_OPS = {
 }
 
 
-def _touches_output(graph: tp.DependencyGraph, tp_group) -> bool:
-    """True when a tensor written by the group is (part of) the network output."""
+def _touches_output(graph: tp.DependencyGraph, tp_group, output_fns: set) -> bool:
+    """True when a tensor written by the group is (part of) the network output, including
+    outputs that are also consumed inside the model."""
     for item in tp_group.items:
         node = item.dep.target
-        if len(node.outputs) == 0 and graph.is_out_channel_pruning_fn(item.dep.handler):
+        if not graph.is_out_channel_pruning_fn(item.dep.handler):
+            continue
+        if len(node.outputs) == 0 or node.grad_fn in output_fns:
             return True
     return False
+
+
+# Ops that mix channels (or heads) in ways a channel-wise mean/sum cannot reproduce. Torch-Pruning
+# treats unknown ops as element-wise, so a group that flows through one of them is refused.
+_MIXING_OPS = ("bmmbackward", "scaleddotproduct", "softmaxbackward", "baddbmmbackward",
+               "linalgvectornormbackward", "normbackward", "nativelayernormbackward",
+               "amaxbackward", "aminbackward", "maxbackward", "minbackward", "sortbackward",
+               "topkbackward", "cumsumbackward", "pixelshufflebackward",
+               "pixelunshufflebackward")
+_LAYOUT_OPS = ("permutebackward", "transposebackward")
+
+
+def _op_name(node) -> str:
+    return str(getattr(node.module, "_grad_fn", "") or "").lower()
+
+
+def _internal_ops(graph: tp.DependencyGraph, handled: list[nn.Module]) -> set[int]:
+    """Dummy-op nodes inside handled attention modules (their head mixing is folded per head)."""
+    inside: set[int] = set()
+    for module in handled:
+        node = graph.module2node.get(module)
+        stack = list(node.inputs) if node is not None else []
+        while stack:
+            n = stack.pop()
+            if n.type not in _DUMMY_OPS or id(n) in inside:
+                continue
+            inside.add(id(n))
+            stack.extend(n.inputs)
+    return inside
+
+
+def _unsafe_reason(tp_group, slots: list[Slot], n: int, internal: set[int]) -> str | None:
+    for slot in slots:
+        if len(set(slot.idxs)) < len(slot.idxs):
+            return f"an op combines several channels into one input position of {slot.name!r}"
+    ops = [item.dep.target for item in tp_group.items
+           if item.dep.target.type in _DUMMY_OPS and id(item.dep.target) not in internal]
+    for node in ops:
+        name = _op_name(node)
+        if name.startswith(_MIXING_OPS) or "scaleddotproduct" in name:
+            return f"channels flow through {name.removesuffix('backward0')}, which mixes them"
+    if any(len(s.idxs) > n for s in slots):  # a channel spans several positions (flatten)
+        for node in ops:
+            name = _op_name(node)
+            if name.startswith(_LAYOUT_OPS):
+                return (f"channels are flattened after a {name.removesuffix('backward0')}, so "
+                        "their positions are not contiguous blocks")
+    return None
+
+
+def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    return {k: v for k, v in owners.items() if len(v) > 1}
 
 
 def discover_groups(
@@ -132,11 +196,17 @@ def discover_groups(
     ignored_ids = {id(sub) for m in ignored for sub in m.modules()}
     customized = attention_pruners(model)
     graph = tp.DependencyGraph()
+    outputs: list[Any] = []
+
+    def capture(out: Any) -> Any:
+        outputs.append(out)
+        return out
+
     try:
         with torch.enable_grad():
             graph.build_dependency(
                 model, example_inputs=_as_trace_inputs(example_inputs),
-                customized_pruners=customized, verbose=False,
+                customized_pruners=customized, verbose=False, output_transform=capture,
             )
     except FoldError:
         raise
@@ -147,6 +217,11 @@ def discover_groups(
         ) from exc
 
     root_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *customized)
+    handled = [m for m in model.modules() if find_attention_handler(m) is not None]
+    internal = _internal_ops(graph, handled)
+    shared = _shared_parameters(model)
+    output_fns = {t.grad_fn for t in tp.utils.flatten_as_list(outputs)
+                  if isinstance(t, torch.Tensor) and t.grad_fn is not None}
     groups: list[ChannelGroup] = []
     for tp_group in graph.get_all_groups(root_module_types=root_types):
         slots = _slots_of(graph, tp_group, names)
@@ -154,18 +229,24 @@ def discover_groups(
             continue
         n = len(tp_group.items[0].idxs)
         group = ChannelGroup(name=slots[0].name, n=n, slots=slots,
-                             folds_output=_touches_output(graph, tp_group))
+                             folds_output=_touches_output(graph, tp_group, output_fns))
         for slot in slots:
             if id(slot.module) in ignored_ids:
                 group.ignored_by = slot.name
                 break
         if group.foldable:
+            group.unsafe = _unsafe_reason(tp_group, slots, n, internal)
+        if group.foldable:
+            _check_tied(group, shared)
             for slot in slots:  # fail early, naming the module, if no merge rule exists
                 handler = find_layer_handler(slot.module, slot.name)
                 try:
-                    handler.tensors(slot.module, slot.role)
+                    pairs = handler.tensors(slot.module, slot.role)
                 except FoldError as exc:
                     raise FoldError(f"module {slot.name!r}: {exc}") from exc
+                layout = SlotLayout.build(slot.idxs, slot.root_idxs, n, slot.name)
+                for tensor, axis in pairs:
+                    layout.check(tensor, axis, slot.name)
         groups.append(group)
 
     for name, module in model.named_modules():
@@ -180,6 +261,19 @@ def discover_groups(
             group.ignored_by = name
         groups.append(group)
     return GroupDiscovery(graph=graph, groups=groups, module_names=names)
+
+
+def _check_tied(group: ChannelGroup, shared: dict[int, list[str]]) -> None:
+    for slot in group.slots:
+        params = [slot.module] if isinstance(slot.module, nn.Parameter) else list(
+            slot.module.parameters(recurse=False))
+        for p in params:
+            if id(p) in shared:
+                raise FoldError(
+                    f"tied weights: {' and '.join(shared[id(p)])} are one tensor, and the channel "
+                    f"group of {slot.name!r} would fold it differently in each place. Untie them, "
+                    f"or pass `ignored=[model.{slot.name}]`."
+                )
 
 
 def _as_trace_inputs(example_inputs: Any) -> Any:

@@ -25,7 +25,15 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from modelfold.errors import FoldError
-from modelfold.record import FACTORY_ATTR, RECORD_ATTR, FoldRecord, GroupInfo, get_record
+from modelfold.record import (
+    FACTORY_ATTR,
+    RECORD_ATTR,
+    FoldRecord,
+    GroupInfo,
+    changed_attrs,
+    get_record,
+    simple_attrs,
+)
 
 FORMAT = "modelfold"
 FORMAT_VERSION = 1
@@ -70,10 +78,15 @@ def save(
         spec = getattr(model, FACTORY_ATTR)
     else:
         spec = factory_spec(type(model), factory_kwargs)
-    json.dumps(spec)  # the factory must be JSON-serialisable
+    try:
+        json.dumps(spec)
+    except TypeError as exc:
+        raise FoldError(f"save: factory arguments must be JSON-serialisable ({exc}).") from exc
     tensors = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                for name, t in model.state_dict(keep_vars=True).items()}
     parent = path.parent
+    if path.exists() and not path.is_dir():
+        raise FoldError(f"save: {path} is a file; give a folder path.")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -92,6 +105,7 @@ def save(
             "tensors": tensors,
             "weights_sha256": _sha256(weights),
             "record": _record_to_dict(record) if record is not None else None,
+            "module_attrs": _attrs_against_factory(model, spec, record),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         _replace_dir(tmp, path)
@@ -121,10 +135,15 @@ def load(
         raise FoldError(f"load: {weights} does not match the checksum in {path / MANIFEST}; the "
                         "file is truncated or was modified.")
     base = model if model is not None else build_from_factory(manifest["factory"], path)
-    record = _record_from_dict(manifest["record"]) if manifest["record"] else None
-    if record is not None:
-        _apply_attrs(base, record.module_attrs, path)
-    _resize_tensors(base, manifest["tensors"], path)
+    try:
+        record = _record_from_dict(manifest["record"]) if manifest["record"] else None
+        _apply_attrs(base, manifest["module_attrs"], path)
+        _resize_tensors(base, manifest["tensors"], path)
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:
+        if isinstance(exc, FoldError):
+            raise
+        raise FoldError(f"load: {path / MANIFEST} is malformed ({type(exc).__name__}: "
+                        f"{exc}).") from exc
     try:
         missing, unexpected = load_model(base, str(weights), strict=False)
     except (SafetensorError, RuntimeError) as exc:
@@ -156,9 +175,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise FoldError(f"load: {manifest_path} has format version "
                         f"{manifest.get('format_version')}; this modelfold reads version "
                         f"{FORMAT_VERSION}.")
-    for key in ("factory", "tensors", "weights_sha256", "record"):
-        if key not in manifest:
-            raise FoldError(f"load: {manifest_path} lacks the field {key!r}.")
+    for key, kind in (("factory", dict), ("tensors", dict), ("weights_sha256", str),
+                      ("record", (dict, type(None))), ("module_attrs", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise FoldError(f"load: {manifest_path} lacks the field {key!r} or it is malformed.")
+    if not isinstance(manifest["factory"].get("target"), str):
+        raise FoldError(f"load: {manifest_path} names no factory target.")
     return manifest
 
 
@@ -202,14 +224,15 @@ def _resize_tensors(model: nn.Module, tensors: dict[str, Any], where: Path) -> N
     for name, info in tensors.items():
         current = own[name]
         shape = tuple(info["shape"])
-        if tuple(current.shape) == shape:
+        dtype = getattr(torch, info["dtype"])
+        if tuple(current.shape) == shape and current.dtype == dtype:
             continue
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         if id(current) in resized:  # tied weights stay tied
             setattr(owner, leaf, resized[id(current)])
             continue
-        fresh = torch.empty(shape, dtype=current.dtype, device=current.device)
+        fresh = torch.empty(shape, dtype=dtype, device=current.device)
         if isinstance(current, nn.Parameter):
             new: torch.Tensor = nn.Parameter(fresh, requires_grad=current.requires_grad)
             setattr(owner, leaf, new)
@@ -217,6 +240,17 @@ def _resize_tensors(model: nn.Module, tensors: dict[str, Any], where: Path) -> N
             owner._buffers[leaf] = fresh
             new = fresh
         resized[id(current)] = new
+
+
+def _attrs_against_factory(model: nn.Module, spec: dict[str, Any],
+                           record: FoldRecord | None) -> dict[str, dict[str, Any]]:
+    """Attributes that differ from the factory's fresh model (all folds so far, not just one)."""
+    try:
+        fresh = build_from_factory(spec, Path("<save>"))
+    except FoldError:
+        return dict(record.module_attrs) if record is not None else {}
+    before = {name: simple_attrs(m) for name, m in fresh.named_modules()}
+    return changed_attrs(before, model)
 
 
 def _record_to_dict(record: FoldRecord) -> dict[str, Any]:

@@ -109,6 +109,10 @@ def _bn_stats(m: nn.modules.batchnorm._BatchNorm, fold) -> None:
 
 
 def _ln_tensors(m: nn.LayerNorm, role: str) -> list[TensorAxis]:
+    if len(m.normalized_shape) > 1:
+        raise FoldError(f"LayerNorm over {tuple(m.normalized_shape)} normalises across channels "
+                        "and positions together; only LayerNorm over the channel dim is supported."
+                        " Pass it in `ignored=`.")
     if not m.elementwise_affine:
         return []
     out = [(m.weight, m.weight.ndim - 1)]
@@ -223,8 +227,8 @@ def attention_pruners(model: nn.Module) -> dict[type, tp.pruner.BasePruningFunc]
 
 
 def _param_tensors(p: nn.Parameter, role: str) -> list[TensorAxis]:
-    # Unwrapped parameters (ViT cls token, position embedding) index channels on their last dim.
-    return [(p, p.ndim - 1)]
+    # Bare parameters (ViT class token, position embedding): channel dim found by Torch-Pruning.
+    return [(p, getattr(p, "_modelfold_dim", p.ndim - 1))]
 
 
 def _unsupported(reason: str) -> Callable[[Any, str], list[TensorAxis]]:

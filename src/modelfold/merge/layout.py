@@ -39,6 +39,13 @@ class SlotLayout:
     def n(self) -> int:
         return self.positions.shape[0]
 
+    def check(self, tensor: torch.Tensor, axis: int, where: str) -> None:
+        size = tensor.shape[axis]
+        if self.idxs.numel() and int(self.idxs.max()) >= size:
+            raise FoldError(f"{where}: the dependency graph maps channels to position "
+                            f"{int(self.idxs.max())} of an axis of size {size}; this coupling "
+                            "cannot be folded. Pass the module in `ignored=`.")
+
     def gather(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
         """(n, e * rest) matrix: channel i's slice of `tensor` along `axis`, flattened."""
         moved = tensor.detach().movedim(axis, 0)

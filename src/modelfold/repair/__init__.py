@@ -1,0 +1,154 @@
+"""Repair step: restore the activation statistics that merging disturbed.
+
+| name             | paper      | data                                                           |
+|------------------|------------|----------------------------------------------------------------|
+| "none"           | Fold-Naive | none                                                           |
+| "data"           | Fold-R     | `calibration=`: BN statistics reset; REPAIR for groups w/o BN  |
+| "approx"         | Fold-AR    | none: BN gamma / merged rows scaled from weight correlations   |
+| "deep_inversion" | Fold-DIR   | synthesised from the original model's BN statistics, then "data" |
+
+A strategy is a class with three optional steps around clustering and merging; register new
+ones with `register_repair`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from modelfold.errors import FoldError
+from modelfold.graph.groups import GroupDiscovery
+from modelfold.merge.plan import FoldPlan
+from modelfold.repair import approx, statistics
+from modelfold.repair import calibration as calib
+from modelfold.repair.deep_inversion import DeepInversionConfig, synthesize
+
+
+class Repair:
+    """Base strategy: Fold-Naive (every step a no-op)."""
+
+    name = "none"
+
+    def before_plan(self, work: nn.Module, discovery: GroupDiscovery, config) -> None:
+        """Runs on the working copy before channels are clustered."""
+
+    def before_merge(self, work: nn.Module, discovery: GroupDiscovery, plan: FoldPlan,
+                     config) -> None:
+        """Runs after clustering, on the still unmerged weights."""
+
+    def after_merge(self, original: nn.Module, folded: nn.Module, discovery: GroupDiscovery,
+                    plan: FoldPlan, config, calibration: Any, example_inputs: Any) -> None:
+        """Runs on the folded model."""
+
+
+_REPAIRS: dict[str, type[Repair]] = {}
+
+
+def register_repair(cls: type[Repair]) -> type[Repair]:
+    _REPAIRS[cls.name] = cls
+    return cls
+
+
+def get_repair(name: str) -> Repair:
+    if name not in _REPAIRS:
+        raise FoldError(f"unknown repair {name!r}; choose one of {sorted(_REPAIRS)}.")
+    return _REPAIRS[name]()
+
+
+def repair_names() -> list[str]:
+    return sorted(_REPAIRS)
+
+
+register_repair(Repair)
+
+
+def _repaired_producers(discovery: GroupDiscovery, plan: FoldPlan) -> dict[str, list[int]]:
+    """Conv/linear producers of folded groups without a norm layer (REPAIR targets)."""
+    targets: dict[str, list[int]] = {}
+    for group in discovery.groups:
+        gp = plan.groups.get(group.name)
+        if gp is None or group.kind != "channels":
+            continue
+        if any(isinstance(s.module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+               for s in group.slots):
+            continue
+        for slot in group.slots:
+            if slot.role == "producer" and isinstance(slot.module, approx._LINEAR):
+                targets[slot.name] = gp.labels
+    return targets
+
+
+def data_repair(original: nn.Module, folded: nn.Module, discovery: GroupDiscovery,
+                plan: FoldPlan, data: Any) -> None:
+    """Fold-R on `data`: BN reset everywhere, REPAIR on folded groups without norm layers."""
+    import torch
+
+    statistics.reset_batchnorm(folded, data)
+    producers = _repaired_producers(discovery, plan)
+    if not producers:
+        return
+    originals = dict(original.named_modules())
+    measured = statistics.measure(original, {n: originals[n] for n in producers}, data)
+    targets = {}
+    for name, labels in producers.items():
+        mean, std = measured[name]
+        lab = torch.tensor(labels)
+        k = int(lab.max()) + 1
+        sizes = torch.bincount(lab, minlength=k).double()
+        targets[name] = (
+            torch.zeros(k, dtype=mean.dtype).index_add_(0, lab, mean) / sizes,
+            torch.zeros(k, dtype=std.dtype).index_add_(0, lab, std) / sizes,
+        )
+    statistics.repair_channels(folded, targets, data)
+
+
+@register_repair
+class DataRepair(Repair):
+    name = "data"
+
+    def after_merge(self, original, folded, discovery, plan, config, calibration,
+                    example_inputs) -> None:
+        device = next(folded.parameters()).device
+        data = calib.to_device(calib.collect(calibration, config.calibration_samples), device)
+        data_repair(original, folded, discovery, plan, data)
+
+
+@register_repair
+class ApproxRepair(Repair):
+    name = "approx"
+
+    def before_plan(self, work, discovery, config) -> None:
+        self.pairs = approx.standardize_bn_inputs(discovery)
+
+    def before_merge(self, work, discovery, plan, config) -> None:
+        self.state = approx.plan_corrections(discovery, plan, self.pairs,
+                                             correlation=config.ar_correlation,
+                                             floor=config.ar_floor)
+
+    def after_merge(self, original, folded, discovery, plan, config, calibration,
+                    example_inputs) -> None:
+        approx.apply_corrections(self.state)
+
+
+@register_repair
+class DeepInversionRepair(Repair):
+    name = "deep_inversion"
+
+    def after_merge(self, original, folded, discovery, plan, config, calibration,
+                    example_inputs) -> None:
+        import torch
+
+        if not isinstance(example_inputs, torch.Tensor):
+            raise FoldError("repair='deep_inversion' synthesises one input tensor; "
+                            "`example_inputs` must be a single tensor.")
+        with torch.no_grad():
+            num_classes = int(original.eval()(example_inputs[:1]).shape[-1])
+        cfg = DeepInversionConfig(**config.deep_inversion)
+        images = synthesize(original, tuple(example_inputs.shape[1:]), num_classes, cfg)
+        data = images[: config.calibration_samples].to(example_inputs.device)
+        data_repair(original, folded, discovery, plan, data)
+
+
+__all__ = ["DeepInversionConfig", "Repair", "get_repair", "register_repair", "repair_names",
+           "synthesize"]

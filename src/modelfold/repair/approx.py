@@ -1,0 +1,168 @@
+"""Fold-AR: data-free variance repair from weight correlations.
+
+Averaging N unit-variance channels with mean pairwise correlation rho gives a channel of
+variance (1 + (N - 1) rho) / N: the variance collapses. Fold-AR undoes it without data:
+
+1. Before clustering, every BatchNorm fed directly by a conv/linear is made to see standardised
+   inputs: the producer rows are divided by sigma_i = sqrt(var_i + eps), the BN's running mean
+   becomes mu_i / sigma_i and its running variance 1 - eps (the function is unchanged; no conv
+   bias is added, unlike the reference code).
+2. After merging, the BN's gamma of cluster c is multiplied by
+   s_c = sqrt(N_c / max(floor, 1 + (N_c - 1) rho_c)), with rho_c the mean pairwise cosine of
+   the members' producer rows (or of their full feature vectors, `ar_correlation="full"`, as
+   the reference code's last version did). Cosines of weight rows equal activation
+   correlations when the layer input is white.
+3. Groups without any norm layer, whose producers are all conv/linear, get the analogous,
+   correlation-free correction of the merged rows: W_c <- W_c * sqrt(mean_i |w_i|^2 / |w_c|^2),
+   which restores the members' average pre-activation variance when the input is white and
+   zero-mean (biases are kept). Groups with LayerNorm (it renormalises anyway), residual streams
+   without BN and attention heads are not corrected: no weight-only formula is valid there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from modelfold.cluster.features import group_features
+from modelfold.graph.groups import ChannelGroup, GroupDiscovery
+from modelfold.merge.handlers import find_layer_handler
+from modelfold.merge.layout import SlotLayout
+from modelfold.merge.plan import FoldPlan
+
+_BN = nn.modules.batchnorm._BatchNorm
+_LINEAR = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def feeding_producer(discovery: GroupDiscovery, bn: nn.Module) -> nn.Module | None:
+    """The conv/linear whose output is this BN's input, if it is fed directly by one."""
+    node = discovery.graph.module2node.get(bn)
+    if node is None or len(node.inputs) != 1:
+        return None
+    src = node.inputs[0].module
+    if isinstance(src, _LINEAR) and len(node.inputs[0].outputs) == 1:
+        return src
+    return None
+
+
+@torch.no_grad()
+def standardize_bn_inputs(discovery: GroupDiscovery) -> dict[nn.Module, nn.Module]:
+    """Step 1; returns BN -> producer for every BN that was standardised."""
+    pairs: dict[nn.Module, nn.Module] = {}
+    for bn in discovery.graph.model.modules():
+        if not isinstance(bn, _BN) or bn.running_var is None:
+            continue
+        producer = feeding_producer(discovery, bn)
+        if producer is None:
+            continue
+        std = (bn.running_var.double() + bn.eps).sqrt()
+        out_axis = 1 if getattr(producer, "transposed", False) else 0
+        shape = [1] * producer.weight.ndim
+        shape[out_axis] = -1
+        producer.weight.data.div_(std.view(shape).to(producer.weight.dtype))
+        if producer.bias is not None:
+            producer.bias.data.div_(std.to(producer.bias.dtype))
+        bn.running_mean.copy_((bn.running_mean.double() / std).to(bn.running_mean.dtype))
+        bn.running_var.fill_(1.0 - bn.eps)
+        pairs[bn] = producer
+    return pairs
+
+
+def _cluster_cosine(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean pairwise cosine over ordered pairs i != j of every cluster (0 for singletons)."""
+    unit = x.double() / x.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sums = torch.zeros(k, unit.shape[1], dtype=unit.dtype).index_add_(0, labels, unit)
+    sizes = torch.bincount(labels, minlength=k).double()
+    # |sum u_i|^2 = N + sum_{i != j} cos_ij
+    pair_sum = (sums * sums).sum(1) - sizes
+    pairs = sizes * (sizes - 1)
+    return torch.where(pairs > 0, pair_sum / pairs.clamp_min(1), torch.zeros_like(pair_sum))
+
+
+def variance_scale(rho: torch.Tensor, sizes: torch.Tensor, floor: float) -> torch.Tensor:
+    """s_c = sqrt(N_c / max(floor, 1 + (N_c - 1) rho_c))."""
+    return (sizes / (1 + (sizes - 1) * rho).clamp_min(floor)).sqrt()
+
+
+@dataclass
+class ApproxRepairState:
+    bn_scales: list[tuple[nn.Module, torch.Tensor]] = field(default_factory=list)
+    row_scales: list[tuple[nn.Module, torch.Tensor]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def plan_corrections(discovery: GroupDiscovery, plan: FoldPlan, pairs: dict, *,
+                     correlation: str, floor: float) -> ApproxRepairState:
+    """Step 2/3 scales, computed on the standardised but still unmerged weights."""
+    state = ApproxRepairState()
+    for group in discovery.groups:
+        gp = plan.groups.get(group.name)
+        if gp is None or group.kind != "channels":
+            continue
+        labels = gp.labels_tensor()
+        sizes = torch.bincount(labels, minlength=gp.k).double()
+        bns = [s for s in group.slots if isinstance(s.module, _BN)]
+        if bns:
+            full = None
+            if correlation == "full":
+                full = group_features(group, features="full")
+            for slot in bns:
+                producer = pairs.get(slot.module)
+                if producer is None:
+                    continue  # not fed by one conv/linear: no weight-based estimate
+                if full is not None:
+                    rows = full
+                elif correlation == "spatial_mean":
+                    rows = _rows(group, producer, spatial_sum=True)
+                else:
+                    rows = _rows(group, producer)
+                scale = variance_scale(_cluster_cosine(rows, labels, gp.k), sizes, floor)
+                state.bn_scales.append((slot.module, scale))
+        elif _plain_linear_group(group):
+            for slot in group.slots:
+                if slot.role != "producer":
+                    continue
+                rows = _rows(group, slot.module).double()
+                member = torch.zeros(gp.k, dtype=rows.dtype).index_add_(
+                    0, labels, (rows * rows).sum(1)) / sizes
+                centroid = torch.zeros(gp.k, rows.shape[1], dtype=rows.dtype).index_add_(
+                    0, labels, rows) / sizes[:, None]
+                scale = (member / (centroid * centroid).sum(1).clamp_min(1e-24)).sqrt()
+                state.row_scales.append((slot.module, scale))
+    return state
+
+
+def _plain_linear_group(group: ChannelGroup) -> bool:
+    producers = [s for s in group.slots if s.role == "producer"]
+    return len(producers) == 1 and all(isinstance(s.module, _LINEAR) for s in group.slots)
+
+
+def _rows(group: ChannelGroup, module: nn.Module, spatial_sum: bool = False) -> torch.Tensor:
+    """Producer weight rows (no bias) of `module` in `group`, one row per channel.
+
+    `spatial_sum` sums each kernel over its spatial taps: the response to a locally constant
+    input, which dominates when feature maps are spatially smooth.
+    """
+    slot = next(s for s in group.slots if s.module is module and s.role == "producer")
+    handler = find_layer_handler(slot.module, slot.name)
+    layout = SlotLayout.build(slot.idxs, slot.root_idxs, group.n, slot.name)
+    weight, axis = handler.tensors(slot.module, "producer")[0]
+    if spatial_sum and weight.ndim > 2:
+        weight = weight.sum(dim=tuple(range(2, weight.ndim)))
+    return layout.gather(weight, axis).double()
+
+
+@torch.no_grad()
+def apply_corrections(state: ApproxRepairState) -> None:
+    """Multiply merged BN gammas / merged producer rows by their scales (after merging)."""
+    for bn, scale in state.bn_scales:
+        if bn.weight is None:
+            raise ValueError("Fold-AR needs affine BatchNorm layers")
+        bn.weight.data.mul_(scale.to(bn.weight.dtype))
+    for module, scale in state.row_scales:
+        out_axis = 1 if getattr(module, "transposed", False) else 0
+        shape = [1] * module.weight.ndim
+        shape[out_axis] = -1
+        module.weight.data.mul_(scale.view(shape).to(module.weight.dtype))

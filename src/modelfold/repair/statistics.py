@@ -1,0 +1,134 @@
+"""Fold-R: reset BatchNorm statistics; REPAIR (Jordan et al.) for channels without a BN."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelfold.repair import calibration as calib
+
+
+def channel_axis(module: nn.Module, output: torch.Tensor) -> int:
+    """Conv outputs carry channels on dim 1, Linear outputs on the last dim."""
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else output.ndim - 1
+
+
+def channel_moments(out: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = out.detach().movedim(axis, -1).reshape(-1, out.shape[axis]).double()
+    return flat.mean(0), flat.std(0, unbiased=False)
+
+
+@torch.no_grad()
+def reset_batchnorm(model: nn.Module, data: Any) -> int:
+    """Recompute every BN's running statistics on `data` (one batch: exact statistics).
+
+    Only BN layers switch to train mode (dropout and the like stay in eval mode). Returns the
+    number of BN layers reset.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats]
+    if not bns:
+        return 0
+    states = [(m, m.training, getattr(m, "momentum", None)) for m in model.modules()]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over batches
+        bn.train()
+    counts: dict[nn.Module, int] = {}
+
+    def count(module, inputs):
+        counts[module] = inputs[0].numel() // inputs[0].shape[1]
+
+    handles = [bn.register_forward_pre_hook(count) for bn in bns]
+    try:
+        calib.run(model, data)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training, momentum in states:
+            m.train(training)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = momentum
+    # Train mode normalised with the biased batch variance but stored the unbiased one; store
+    # the biased one so that eval mode reproduces exactly what the statistics pass computed.
+    for bn, n in counts.items():
+        if n > 1:
+            bn.running_var.mul_((n - 1) / n)
+    return len(bns)
+
+
+@torch.no_grad()
+def measure(model: nn.Module, modules: dict[str, nn.Module], data: Any
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and std of each named module's output on `data` (eval mode)."""
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name: str):
+        def fn(module, inputs, output):
+            stats[name] = channel_moments(output, channel_axis(module, output))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    was = model.training
+    try:
+        model.eval()
+        calib.run(model, data)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def repair_channels(model: nn.Module, targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    data: Any, eps: float = 1e-6) -> None:
+    """REPAIR: give each named module's output channels the target mean and std.
+
+    One pass in which every module's output is standardised with its own statistics on `data`
+    and mapped to the target (so downstream modules see repaired inputs), then the affine map is
+    fused into the module's weight and bias: W' = W a, b' = (b - m) a + mu*, a = sigma*/s.
+    """
+    modules = dict(model.named_modules())
+    measured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name: str):
+        def fn(module, inputs, output):
+            axis = channel_axis(module, output)
+            mean, std = channel_moments(output, axis)
+            measured[name] = (mean, std)
+            goal_mean, goal_std = targets[name]
+            scale = (goal_std / std.clamp_min(eps)).to(output.dtype)
+            shift = (goal_mean - mean * scale.double()).to(output.dtype)
+            shape = [1] * output.ndim
+            shape[axis] = -1
+            return output * scale.view(shape) + shift.view(shape)
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in targets]
+    was = model.training
+    try:
+        model.eval()
+        calib.run(model, data)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    for name, (mean, std) in measured.items():
+        module = modules[name]
+        goal_mean, goal_std = targets[name]
+        scale = goal_std / std.clamp_min(eps)
+        weight = module.weight
+        out_axis = 1 if getattr(module, "transposed", False) else 0
+        shape = [1] * weight.ndim
+        shape[out_axis] = -1
+        weight.data.mul_(scale.view(shape).to(weight.dtype))
+        bias = module.bias.double() if module.bias is not None else torch.zeros_like(mean)
+        new_bias = bias * scale + goal_mean - mean * scale
+        if module.bias is None:
+            module.bias = nn.Parameter(new_bias.to(weight.dtype))
+        else:
+            module.bias.data.copy_(new_bias.to(weight.dtype))

@@ -1,0 +1,103 @@
+"""Clusterers and the merge arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modelfold.cluster import kmeans, ward
+from modelfold.cluster.kmeans import canonical_labels
+from modelfold.merge.handlers import _bn_stats
+from modelfold.merge.layout import SlotLayout
+
+
+def blobs(k: int = 5, per: int = 20, d: int = 8, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=gen) * 10
+    truth = torch.arange(k).repeat_interleave(per)
+    x = centers[truth] + 0.1 * torch.randn(k * per, d, generator=gen)
+    perm = torch.randperm(k * per, generator=gen)
+    return x[perm], truth[perm]
+
+
+def same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(canonical_labels(a), canonical_labels(b))
+
+
+@pytest.mark.parametrize("cluster", ["kmeans", "ward"])
+def test_well_separated_blobs_are_recovered(cluster):
+    x, truth = blobs()
+    labels = kmeans(x, 5, seed=0).labels if cluster == "kmeans" else ward(x, 5)
+    assert same_partition(labels, truth)
+
+
+def test_kmeans_is_deterministic_and_canonical():
+    x, _ = blobs(k=7, per=9, d=3, seed=4)
+    a, b = kmeans(x, 10, seed=1), kmeans(x, 10, seed=1)
+    assert torch.equal(a.labels, b.labels) and a.inertia == b.inertia
+    # clusters are numbered by their first member
+    firsts = [int(torch.nonzero(a.labels == c)[0]) for c in range(10)]
+    assert firsts == sorted(firsts)
+
+
+def test_kmeans_always_returns_exactly_k_nonempty_clusters():
+    x = torch.tensor([[0.0, 0.0]] * 6 + [[1.0, 1.0]] * 4)  # 2 distinct points, k = 5
+    labels = kmeans(x, 5, seed=0).labels
+    assert torch.bincount(labels, minlength=5).min() >= 1 and labels.max() == 4
+
+
+def test_kmeans_inertia_is_no_worse_than_sklearn():
+    sklearn = pytest.importorskip("sklearn.cluster")
+    x, _ = blobs(k=12, per=15, d=16, seed=2)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    x = x + noise * 5  # overlapping clusters: a real optimisation problem
+    ours = kmeans(x, 12, n_init=10, seed=0).inertia
+    ref = sklearn.KMeans(12, n_init=10, random_state=0).fit(x.numpy()).inertia_
+    assert ours <= ref * 1.01
+
+
+def test_edge_cases_of_k():
+    x, _ = blobs(k=2, per=3)
+    assert torch.equal(kmeans(x, 6).labels, torch.arange(6))
+    assert kmeans(x, 1).labels.tolist() == [0] * 6
+    assert ward(x, 1).tolist() == [0] * 6
+    with pytest.raises(ValueError):
+        kmeans(x, 0)
+
+
+def test_layout_mean_and_sum_with_flatten_expansion():
+    # 3 channels, each spanning 2 positions (as after flattening a 2-pixel map)
+    layout = SlotLayout.build([0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 2, 2], 3, "fc")
+    w = torch.arange(12.0).reshape(2, 6)  # consumer: columns are positions
+    labels, reps = torch.tensor([0, 1, 0]), torch.tensor([0, 1])
+    summed = layout.fold(w, 1, labels, reps, "sum")
+    assert torch.equal(summed[:, 0], w[:, 0] + w[:, 4])
+    assert torch.equal(summed[:, 1], w[:, 1] + w[:, 5])
+    assert torch.equal(summed[:, 2:4], w[:, 2:4])
+    rows = torch.arange(6.0)
+    meaned = layout.fold(rows, 0, labels, reps, "mean")
+    assert meaned[:2].tolist() == [2.0, 3.0]
+
+
+def test_bn_statistics_follow_the_inverse_std_rule():
+    bn = torch.nn.BatchNorm1d(2, eps=1e-5)
+    bn.running_mean.copy_(torch.tensor([1.0, 3.0]))
+    bn.running_var.copy_(torch.tensor([4.0, 16.0]))
+    layout = SlotLayout.build([0, 1], [0, 1], 2, "bn")
+    labels, reps = torch.tensor([0, 0]), torch.tensor([0])
+    _bn_stats(bn, lambda t, axis, red: layout.fold(t, axis, labels, reps, red))
+    std = torch.tensor([4.0, 16.0]).add(1e-5).sqrt()
+    inv = (1 / std).mean()
+    assert torch.allclose(bn.running_var[0], 1 / inv**2 - 1e-5)
+    assert torch.allclose(bn.running_mean[0], (torch.tensor([1.0, 3.0]) / std).mean() / inv)
+    # the merged normalisation map is the average of the members' maps
+    z = torch.linspace(-3, 3, 7)
+    merged = (z - bn.running_mean[0]) / (bn.running_var[0] + 1e-5).sqrt()
+    members = ((z[:, None] - torch.tensor([1.0, 3.0])) / std).mean(1)
+    assert torch.allclose(merged, members, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kmeans_on_cuda_matches_cpu():
+    x, _ = blobs()
+    assert same_partition(kmeans(x.cuda(), 5, seed=0).labels.cpu(), kmeans(x, 5, seed=0).labels)
