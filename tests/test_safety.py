@@ -45,6 +45,8 @@ def test_flatten_after_permute_is_not_folded():
     folded = mf.fold(model, x, ratio=0.5)
     assert folded.conv.out_channels == 6
     assert torch.equal(folded(x), model(x))
+    status = {g.name: g.status for g in mf.summary(model, folded, x).groups}
+    assert status["conv"] == "unsafe"
 
 
 def test_unrecognised_attention_is_never_folded_across_heads():

@@ -88,7 +88,7 @@ def fold(
     inputs = _to_device(example_inputs, dev)
     try:
         with torch.no_grad():
-            reference = work.eval()(**inputs) if isinstance(inputs, dict) else _call(work, inputs)
+            reference = _call(work.eval(), inputs)
     except Exception as exc:
         raise FoldError(
             f"the model does not run on `example_inputs` ({type(exc).__name__}: {exc})."
@@ -219,7 +219,7 @@ def _group_infos(discovery: GroupDiscovery, plan: FoldPlan) -> list[GroupInfo]:
     for g in discovery.groups:
         gp = plan.groups.get(g.name)
         status = ("output" if g.folds_output else "ignored" if g.ignored_by
-                  else "folded" if gp else "kept")
+                  else "unsafe" if g.unsafe else "folded" if gp else "kept")
         infos.append(GroupInfo(g.name, g.kind, g.n, gp.k if gp else g.n,
                                sorted({s.name for s in g.slots}), status))
     return infos
@@ -295,6 +295,8 @@ def _to_device(x: Any, dev: torch.device) -> Any:
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
     return model(*inputs) if isinstance(inputs, (list, tuple)) else model(inputs)
 
 
@@ -312,7 +314,7 @@ def _check_output(model: nn.Module, inputs: Any, reference: Any) -> None:
     was = model.training
     try:
         with torch.no_grad():
-            out = model.eval()(**inputs) if isinstance(inputs, dict) else _call(model, inputs)
+            out = _call(model.eval(), inputs)
     except Exception as exc:
         raise FoldError(
             f"the folded model fails on `example_inputs` ({type(exc).__name__}: {exc}); an op the "

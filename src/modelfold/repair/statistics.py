@@ -60,6 +60,19 @@ def reset_batchnorm(model: nn.Module, data: Any) -> int:
     return len(bns)
 
 
+def run_with_hooks(model: nn.Module, hooks: dict[nn.Module, Any], data: Any) -> None:
+    """One eval-mode forward pass on `data` with temporary forward hooks."""
+    handles = [m.register_forward_hook(fn) for m, fn in hooks.items()]
+    was = model.training
+    try:
+        model.eval()
+        calib.run(model, data)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def measure(model: nn.Module, modules: dict[str, nn.Module], data: Any
             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -71,15 +84,7 @@ def measure(model: nn.Module, modules: dict[str, nn.Module], data: Any
             stats[name] = channel_moments(output, channel_axis(module, output))
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    was = model.training
-    try:
-        model.eval()
-        calib.run(model, data)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, {m: hook(n) for n, m in modules.items()}, data)
     return stats
 
 
@@ -108,15 +113,7 @@ def repair_channels(model: nn.Module, targets: dict[str, tuple[torch.Tensor, tor
             return output * scale.view(shape) + shift.view(shape)
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in targets]
-    was = model.training
-    try:
-        model.eval()
-        calib.run(model, data)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, {modules[n]: hook(n) for n in targets}, data)
     for name, (mean, std) in measured.items():
         module = modules[name]
         goal_mean, goal_std = targets[name]
