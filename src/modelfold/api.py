@@ -52,7 +52,8 @@ def fold(
             `config.sparsity_tolerance` is solved for (see `summary(...).ratio`).
         config: a `FoldConfig`; `ratio`, `target_sparsity`, `seed`, `module_ratios` override it.
         ignored: modules whose channel groups are left as they are.
-        inplace: fold `model` itself instead of a copy.
+        inplace: fold `model` itself instead of a copy (saves memory; if folding fails part way
+            the model may be left partly folded, so keep a copy of anything you cannot rebuild).
         device: where to fold (the folded model stays there); defaults to the model's device.
         repair: "none" (Fold-Naive, default), "data" (Fold-R), "approx" (Fold-AR) or
             "deep_inversion" (Fold-DIR); see `modelfold.repair`.

@@ -120,19 +120,19 @@ def fold(
         help='JSON keyword arguments for --model, e.g. \'{"width": 16}\'.')] = None,
     input_shape: Annotated[str, typer.Option(help="Example input shape for tracing.")]
     = "1,3,32,32",
-    seed: Annotated[int | None, typer.Option(help="Clustering seed [default: 0].")] = None,
-    clusterer: Annotated[str | None, typer.Option(help="kmeans or ward [default: kmeans].")]
+    seed: Annotated[int | None, typer.Option(help="Clustering seed (default 0).")] = None,
+    clusterer: Annotated[str | None, typer.Option(help="kmeans or ward (default kmeans).")]
     = None,
     config: Annotated[Path | None, typer.Option(help="FoldConfig JSON file (flags override).")]
     = None,
     repair: Annotated[str | None, typer.Option(
         help="none (Fold-Naive), data (Fold-R, needs --calibration), approx (Fold-AR, "
-             "data-free) or deep_inversion (Fold-DIR) [default: none].")] = None,
+             "data-free) or deep_inversion (Fold-DIR) (default none).")] = None,
     calibration: Annotated[str | None, typer.Option(
         help="Calibration inputs for --repair data: a tensor file (.safetensors/.pt) or "
              "'fashion-mnist' (1,024 training images).")] = None,
     di_preset: Annotated[str | None, typer.Option(
-        help="DeepInversion settings: paper or cpu [default: paper].")] = None,
+        help="DeepInversion settings: paper or cpu (default paper).")] = None,
 ) -> None:
     """Fold a model and save the smaller model to --out."""
     import torch
@@ -162,7 +162,7 @@ def fold(
         with console.status("folding..."):
             folded = mf.fold(base, example, config=cfg, calibration=calibration_data)
         mf.save(folded, out)
-        console.print(str(mf.summary(base, folded, example)))
+        typer.echo(str(mf.summary(base, folded, example)))
         console.print(f"[green]saved[/] {out}")
     except FoldError as exc:
         _fail(str(exc))
@@ -179,7 +179,7 @@ def summary(
 
     try:
         folded = mf.load(folder)
-        console.print(str(mf.summary(None, folded)))
+        typer.echo(str(mf.summary(None, folded)))
     except FoldError as exc:
         _fail(str(exc))
 

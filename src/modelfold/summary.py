@@ -50,6 +50,8 @@ class FoldSummary:
         if self.macs_before is not None and self.macs_after is not None:
             lines.append(f"MACs       : {self.macs_before:>14,} -> {self.macs_after:>14,}"
                          f"  ({self.mac_reduction:.1%} removed)")
+        elif self.macs_after is not None:
+            lines.append(f"MACs       : {'':>14} -> {self.macs_after:>14,}")
         lines.append(f"ratio      : {self.ratio:.4f}")
         width = max([len(g.name) for g in self.groups] + [5])
         lines.append(f"{'group':<{width}}  {'kind':<8}  {'n':>6} -> {'k':<6} {'status':<8} modules")
