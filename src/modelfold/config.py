@@ -60,7 +60,7 @@ class FoldConfig:
     sparsity_tolerance: float = 0.01
     repair: RepairName = "none"
     calibration_samples: int = 1024
-    ar_correlation: Literal["producer", "full", "spatial_mean"] = "producer"
+    ar_correlation: Literal["producer", "full", "spatial_mean", "calibrated"] = "calibrated"
     ar_floor: float = 0.05
     deep_inversion: dict[str, Any] = field(
         default_factory=lambda: dataclasses.asdict(DeepInversionConfig())
@@ -92,7 +92,7 @@ class FoldConfig:
         if self.repair not in repair_names():
             raise FoldError(f"FoldConfig.repair={self.repair!r} is unknown; use one of "
                             f"{repair_names()}.")
-        if self.ar_correlation not in ("full", "producer", "spatial_mean"):
+        if self.ar_correlation not in ("full", "producer", "spatial_mean", "calibrated"):
             raise FoldError(f"FoldConfig.ar_correlation={self.ar_correlation!r} is unknown; use "
                             "'producer' or 'full'.")
         if not 0 < self.ar_floor <= 1:

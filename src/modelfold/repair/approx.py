@@ -116,6 +116,8 @@ def plan_corrections(discovery: GroupDiscovery, plan: FoldPlan, pairs: dict, *,
                     rows = full
                 elif correlation == "spatial_mean":
                     rows = _rows(group, producer, spatial_sum=True)
+                elif correlation == "calibrated":
+                    rows = calibrated_rows(_rows(group, producer), producer)
                 else:
                     rows = _rows(group, producer)
                 scale = variance_scale(_cluster_cosine(rows, labels, gp.k), sizes, floor)
@@ -132,6 +134,29 @@ def plan_corrections(discovery: GroupDiscovery, plan: FoldPlan, pairs: dict, *,
                 scale = (member / (centroid * centroid).sum(1).clamp_min(1e-24)).sqrt()
                 state.row_scales.append((slot.module, scale))
     return state
+
+
+def calibrated_rows(rows: torch.Tensor, producer: nn.Module) -> torch.Tensor:
+    """Rows phi_i whose cosines estimate activation correlations under a fitted input covariance.
+
+    The layer input is modelled as Sigma = a I + b (I_C x J) + c J: white noise, plus a component
+    shared by all taps of one input channel (spatially smooth maps), plus one shared by all
+    inputs. Then Cov(z_i, z_j) = phi_i . phi_j with phi_i = [sqrt(a) w_i, sqrt(b) S_i, sqrt(c) T_i]
+    (S_i: per-input-channel kernel sums, T_i: total sum). (a, b, c) >= 0 are fitted so that every
+    standardised channel has unit variance, Var z_i = 1: the model's own BN statistics calibrate
+    the covariance, so no data is needed.
+    """
+    from scipy.optimize import nnls
+
+    per_input = rows.view(rows.shape[0], producer.weight.shape[1], -1)
+    spatial = per_input.sum(2)  # (n, C)
+    total = spatial.sum(1, keepdim=True)  # (n, 1)
+    design = torch.stack([(rows**2).sum(1), (spatial**2).sum(1), total.squeeze(1) ** 2], 1)
+    coef, _ = nnls(design.cpu().numpy(), torch.ones(rows.shape[0], dtype=torch.float64).numpy())
+    if not coef.any():
+        return rows
+    a, b, c = (float(v) ** 0.5 for v in coef)
+    return torch.cat([a * rows, b * spatial, c * total], 1)
 
 
 def _plain_linear_group(group: ChannelGroup) -> bool:
