@@ -40,8 +40,10 @@ class FoldConfig:
         repair: "none" (Fold-Naive), "data" (Fold-R, needs `calibration`), "approx"
             (Fold-AR, data-free) or "deep_inversion" (Fold-DIR).
         calibration_samples: sample budget of "data" / "deep_inversion" repair.
-        ar_correlation: Fold-AR correlation features, "producer" rows (the derivation) or the
-            "full" group vectors (the reference code's last version).
+        ar_correlation: how Fold-AR estimates activation correlations from weights:
+            "calibrated" (default; cosines under an input covariance fitted to the BN
+            statistics), "producer" rows (the paper's derivation, white inputs), "full" group
+            vectors (the reference code's last version) or "spatial_mean" (summed kernels).
         ar_floor: positive floor of Fold-AR's denominator 1 + (N - 1) rho.
         deep_inversion: `DeepInversionConfig` fields (defaults: the reference's settings; see
             `DeepInversionConfig.preset("cpu")` for a fast one).

@@ -8,10 +8,11 @@ variance (1 + (N - 1) rho) / N: the variance collapses. Fold-AR undoes it withou
    becomes mu_i / sigma_i and its running variance 1 - eps (the function is unchanged; no conv
    bias is added, unlike the reference code).
 2. After merging, the BN's gamma of cluster c is multiplied by
-   s_c = sqrt(N_c / max(floor, 1 + (N_c - 1) rho_c)), with rho_c the mean pairwise cosine of
-   the members' producer rows (or of their full feature vectors, `ar_correlation="full"`, as
-   the reference code's last version did). Cosines of weight rows equal activation
-   correlations when the layer input is white.
+   s_c = sqrt(N_c / max(floor, 1 + (N_c - 1) rho_c)), with rho_c the mean pairwise correlation
+   of the members' pre-BN activations, estimated from weights (`ar_correlation`): cosines of
+   the producer rows (exact for white inputs), of the full feature vectors (the reference
+   code's last version), of spatially summed kernels, or - the default - of rows mapped
+   through an input covariance fitted to the BN statistics (`calibrated_rows`).
 3. Groups without any norm layer, whose producers are all conv/linear, get the analogous,
    correlation-free correction of the merged rows: W_c <- W_c * sqrt(mean_i |w_i|^2 / |w_c|^2),
    which restores the members' average pre-activation variance when the input is white and
