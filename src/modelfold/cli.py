@@ -201,6 +201,43 @@ def demo(
         _fail(str(exc))
 
 
+@app.command()
+def sweep(
+    preset: Annotated[str, typer.Option(help="quick (under 5 min) or paper-cnn.")] = "quick",
+    out: Annotated[Path, typer.Option(help="Folder for CSV, markdown and PNG.")]
+    = Path("benchmarks/results"),
+    name: Annotated[str | None, typer.Option(help="File stem (default: sweep_<preset>).")]
+    = None,
+    methods: Annotated[str | None, typer.Option(
+        help="Comma-separated method ids (default: the preset's).")] = None,
+    ratios: Annotated[str | None, typer.Option(help="Comma-separated ratios.")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated clustering seeds.")]
+    = None,
+) -> None:
+    """Models x methods x ratios x seeds on Fashion-MNIST -> CSV, table, plots (resumable)."""
+    import dataclasses
+
+    from modelfold.eval.sweep import preset as get_preset
+    from modelfold.eval.sweep import run_sweep
+
+    try:
+        cfg = dataclasses.replace(get_preset(preset))
+        if methods:
+            cfg.methods = [m.strip() for m in methods.split(",") if m.strip()]
+        try:
+            if ratios:
+                cfg.ratios = [float(r) for r in ratios.split(",")]
+            if seeds:
+                cfg.seeds = [int(s) for s in seeds.split(",")]
+        except ValueError:
+            _fail("--ratios and --seeds take comma-separated numbers.")
+        run_sweep(cfg, out, name or f"sweep_{preset.replace('-', '_')}",
+                  log=lambda line: console.print(line))
+        console.print(f"[green]wrote[/] {out}")
+    except (FoldError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
 def main() -> None:
     app()
 

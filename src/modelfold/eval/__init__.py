@@ -1,0 +1,1 @@
+"""Evaluation: sweeps of methods x ratios x seeds, latency, tables and plots."""

@@ -1,0 +1,66 @@
+"""`modelfold sweep`: the quick preset end to end, resumability, SP baselines."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import modelfold as mf
+from conftest import make_model
+from modelfold.baselines import magnitude_prune
+from modelfold.baselines.magnitude import channel_norms
+from modelfold.cli import app
+from modelfold.eval.sweep import FIELDS, preset, read_rows, run_sweep
+from modelfold.graph import discover_groups
+
+
+def test_quick_sweep_writes_tables_and_plots_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("MODELFOLD_CACHE_ROOT", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["sweep", "--preset", "quick", "--out",
+                                      str(tmp_path / "out"), "--ratios", "0.5"])
+    assert result.exit_code == 0, result.output
+    rows = read_rows(tmp_path / "out" / "sweep_quick.csv")
+    methods = {r["method"] for r in rows}
+    assert methods == {"dense", "fold-naive", "fold-r", "fold-ar", "fold-dir", "sp-l1", "sp-l2"}
+    assert set(rows[0]) == set(FIELDS)
+    folded = [r for r in rows if r["method"] != "dense"]
+    # same groups and ratio semantics: folding and pruning reach the same sparsity
+    assert len({round(float(r["sparsity"]), 6) for r in folded}) == 1
+    assert all(float(r["latency_ratio"]) > 0 for r in folded)
+    acc = {r["method"]: float(r["accuracy"]) for r in rows}
+    assert acc["fold-r"] > acc["fold-naive"]
+    assert (tmp_path / "out" / "sweep_quick.md").read_text().count("\n") == len(rows) + 2
+    assert (tmp_path / "out" / "sweep_quick_vgg11_bn-w8_whole.png").stat().st_size > 10_000
+    # an interrupted sweep resumes: a rerun adds only the missing cells
+    cut = [r for r in rows if r["method"] != "sp-l2"]
+    (tmp_path / "out" / "sweep_quick.csv").write_text(
+        ",".join(FIELDS) + "\n" + "\n".join(",".join(r[f] for f in FIELDS) for r in cut) + "\n")
+    cfg = dataclasses.replace(preset("quick"), ratios=[0.5])
+    again = run_sweep(cfg, tmp_path / "out", "sweep_quick", log=lambda line: None)
+    assert [r["method"] for r in again[len(cut):]] == ["sp-l2"]
+
+
+def test_magnitude_pruning_keeps_the_largest_filters(example):
+    model = make_model("vgg11_bn")
+    pruned = magnitude_prune(model, example, ratio=0.5, p=2)
+    folded = mf.fold(model, example, ratio=0.5)
+    assert sum(p.numel() for p in pruned.parameters()) == sum(
+        p.numel() for p in folded.parameters())
+    group = next(g for g in discover_groups(model, example).groups if g.name == "features.0")
+    norms = channel_norms(group, 2)
+    keep = sorted(torch.argsort(norms, descending=True)[:4].tolist())
+    assert torch.equal(pruned.features[0].weight, model.features[0].weight[keep])
+    assert pruned(example).shape == (2, 10)
+
+
+def test_magnitude_pruning_with_bn_reset_and_errors(example):
+    model = make_model("resnet18")
+    calibration = torch.randn(64, 3, 32, 32)
+    pruned = magnitude_prune(model, example, ratio=0.5, p=1, reset_bn=calibration)
+    assert pruned(example).shape == (2, 10)
+    with pytest.raises(mf.FoldError, match="p must be 1 or 2"):
+        magnitude_prune(model, example, ratio=0.5, p=3)
