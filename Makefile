@@ -1,13 +1,14 @@
 # Two entry points, both set-up free on a fresh Debian/Ubuntu machine with Python 3.11:
 #   make demo   train (or load cached) ResNet18 on Fashion-MNIST, fold it, print a table, plot
 #   make test   lint + the test suite
+#   make bench  the CNN benchmark (benchmarks/cnn_sweep.py paper-cnn; cached checkpoints)
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.modelfold-installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install data lint clean
+.PHONY: demo test install data lint clean bench
 
 install: $(STAMP)
 
@@ -33,6 +34,9 @@ test: install data lint
 
 demo: install data
 	$(PY) -m modelfold.demo
+
+bench: install data
+	$(PY) benchmarks/cnn_sweep.py paper-cnn
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
