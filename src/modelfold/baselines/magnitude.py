@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelfold.api import _check_output, _group_infos, _to_device, _unique_params
+from modelfold.api import _call, _check_output, _group_infos, _to_device, _unique_params
 from modelfold.config import check_ratio, kept_channels
 from modelfold.errors import FoldError
 from modelfold.graph import ChannelGroup, GroupDiscovery, discover_groups
@@ -94,7 +94,7 @@ def magnitude_prune(
     attrs_before = {n: simple_attrs(m) for n, m in model.named_modules()}
     was_training = work.training
     with torch.no_grad():
-        reference = work.eval()(inputs) if isinstance(inputs, torch.Tensor) else None
+        reference = _call(work.eval(), inputs)
     discovery = discover_groups(work, inputs, ignored=[modules[names[id(m)]] for m in ignored])
     params_before = sum(t.numel() for t in _unique_params(work))
     ratios = dict(module_ratios or {})
@@ -122,8 +122,7 @@ def magnitude_prune(
 
         reset_batchnorm(work, calib.to_device(calib.collect(reset_bn, calibration_samples), dev))
     work.train(was_training)
-    if reference is not None:
-        _check_output(work, inputs, reference)
+    _check_output(work, inputs, reference)
     setattr(work, RECORD_ATTR, FoldRecord(
         config={"method": f"sp-l{p}", "ratio": ratio, "module_ratios": ratios},
         ratio=ratio, plan=plan.to_dict(), groups=_group_infos(discovery, plan),
