@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from modelfold.api import _call, _check_output, _group_infos, _to_device, _unique_params
+from modelfold.cluster.features import head_block
 from modelfold.config import check_ratio, kept_channels
 from modelfold.errors import FoldError
-from modelfold.graph import ChannelGroup, GroupDiscovery, discover_groups
+from modelfold.graph import ChannelGroup, discover_groups
+from modelfold.merge.apply import remove_channels
 from modelfold.merge.handlers import find_attention_handler, find_layer_handler
 from modelfold.merge.layout import SlotLayout
 from modelfold.merge.plan import FoldPlan, GroupPlan
@@ -41,7 +43,7 @@ def channel_norms(group: ChannelGroup, p: int) -> torch.Tensor:
     if group.kind == "heads":
         module = group.slots[0].module
         handler = find_attention_handler(module)
-        blocks = [t.detach().movedim(axis, 0).reshape(group.n, -1)
+        blocks = [head_block(t, axis, group.n)
                   for t, axis, reduce in handler.head_blocks(module) if reduce == "mean"]
         return sum(torch.linalg.vector_norm(b.double(), ord=p, dim=1) for b in blocks)
     total = torch.zeros(group.n, dtype=torch.float64)
@@ -54,20 +56,6 @@ def channel_norms(group: ChannelGroup, p: int) -> torch.Tensor:
         rows = layout.gather(weight, axis).double().cpu()
         total += torch.linalg.vector_norm(rows, ord=p, dim=1)
     return total
-
-
-@torch.no_grad()
-def _remove(discovery: GroupDiscovery, group: ChannelGroup, keep: list[int]) -> None:
-    drop = [i for i in range(group.n) if i not in set(keep)]
-    if group.kind == "heads":
-        module = group.slots[0].module
-        find_attention_handler(module).remove_heads(module, drop)
-        return
-    fresh = discovery.refresh(group)
-    root = fresh.slots[0].module
-    graph = discovery.graph
-    graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels,
-                            drop).prune(record_history=False)
 
 
 def magnitude_prune(
@@ -115,7 +103,7 @@ def magnitude_prune(
         plan.groups[group.name] = GroupPlan(group.name, group.kind, group.n, k, labels)
     for group in discovery.groups:
         if group.name in keeps:
-            _remove(discovery, group, keeps[group.name])
+            remove_channels(discovery, group, keeps[group.name])
     if reset_bn is not None:
         from modelfold.repair import calibration as calib
         from modelfold.repair.statistics import reset_batchnorm

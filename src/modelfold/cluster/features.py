@@ -18,7 +18,7 @@ def group_features(
     for slot in group.slots:
         if group.kind == "heads":
             handler = find_attention_handler(slot.module)
-            blocks.extend(_head_block(t, axis, group.n)
+            blocks.extend(head_block(t, axis, group.n)
                           for t, axis, reduce in handler.head_blocks(slot.module)
                           if features == "full" or reduce == "mean")
             continue
@@ -41,6 +41,6 @@ def group_features(
     return x
 
 
-def _head_block(tensor: torch.Tensor, axis: int, heads: int) -> torch.Tensor:
+def head_block(tensor: torch.Tensor, axis: int, heads: int) -> torch.Tensor:
     moved = tensor.detach().movedim(axis, 0)
     return moved.reshape(heads, -1).float()

@@ -27,10 +27,11 @@ def apply_plan(discovery: GroupDiscovery, plan: FoldPlan) -> None:
         if group.kind == "heads":
             _fold_heads(group, gp)
         else:
-            _fold_channels(discovery, discovery.refresh(group), gp)
+            _fold_channels(discovery.refresh(group), gp)
+        remove_channels(discovery, group, gp.representatives)
 
 
-def _fold_channels(discovery: GroupDiscovery, group: ChannelGroup, gp: GroupPlan) -> None:
+def _fold_channels(group: ChannelGroup, gp: GroupPlan) -> None:
     labels, reps = gp.labels_tensor(), torch.tensor(gp.representatives)
     for slot in group.slots:
         handler = find_layer_handler(slot.module, slot.name)
@@ -40,9 +41,22 @@ def _fold_channels(discovery: GroupDiscovery, group: ChannelGroup, gp: GroupPlan
             tensor.data.copy_(layout.fold(tensor, axis, labels, reps, reduce))
         if handler.merge_extra is not None and slot.role == "producer":
             handler.merge_extra(slot.module, partial(_fold_with, layout, labels, reps))
-    keep = set(gp.representatives)
-    drop = [i for i in range(group.n) if i not in keep]
-    root = group.slots[0].module
+
+
+@torch.no_grad()
+def remove_channels(discovery: GroupDiscovery, group: ChannelGroup, keep: list[int]) -> None:
+    """Physically remove every channel (or head) of `group` not in `keep`.
+
+    Channel groups go through Torch-Pruning (its group is re-derived on current shapes);
+    head groups through their attention handler.
+    """
+    kept = set(keep)
+    drop = [i for i in range(group.n) if i not in kept]
+    if group.kind == "heads":
+        module = group.slots[0].module
+        find_attention_handler(module).remove_heads(module, drop)
+        return
+    root = discovery.refresh(group).slots[0].module
     graph = discovery.graph
     graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels,
                             drop).prune(record_history=False)
@@ -61,8 +75,6 @@ def _fold_heads(group: ChannelGroup, gp: GroupPlan) -> None:
     labels, reps = gp.labels_tensor(), torch.tensor(gp.representatives)
     for tensor, axis, reduce in handler.head_blocks(module):
         tensor.data.copy_(layout.fold(tensor, axis, labels, reps, reduce))
-    keep = set(gp.representatives)
-    handler.remove_heads(module, [h for h in range(n) if h not in keep])
 
 
 def predicted_parameter_count(
