@@ -40,7 +40,9 @@ def _dist_to(x: torch.Tensor, i: int) -> torch.Tensor:
     return ((x - x[i]) ** 2).sum(1)
 
 
-def _plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+def _plus_plus(
+    x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator
+) -> torch.Tensor:
     """Greedy k-means++ (as scikit-learn): of 2 + ln k candidates drawn by D^2 sampling, keep
     the one that lowers the potential most."""
     n = x.shape[0]
@@ -58,15 +60,14 @@ def _plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
             closest = torch.minimum(closest, _dist_to(x, nxt))
             continue
         probs = (closest / total).double().cpu()
-        candidates = torch.multinomial(probs, trials, replacement=True, generator=gen).tolist()
-        best, best_pot, best_closest = -1, float("inf"), closest
-        for cand in candidates:
-            trial = torch.minimum(closest, _dist_to(x, cand))
-            pot = float(trial.sum())
-            if pot < best_pot:
-                best, best_pot, best_closest = cand, pot, trial
+        candidates = torch.multinomial(probs, trials, replacement=True, generator=gen)
+        # Potentials of all candidates at once from one matrix product; only the winner's
+        # distances are then computed exactly (see `_dist_to`).
+        cand = x[candidates.to(x.device)]
+        trial = torch.minimum(closest[:, None], _sq_dists(x, x_sq, cand))
+        best = int(candidates[int(trial.sum(0).argmin())])
         centers.append(best)
-        closest = best_closest
+        closest = torch.minimum(closest, _dist_to(x, best))
     return x[centers].clone()
 
 
@@ -126,7 +127,7 @@ def kmeans(
     gen = torch.Generator().manual_seed(seed)
     best: tuple[torch.Tensor, float] | None = None
     for _ in range(n_init):
-        centers = _plus_plus(x, k, gen)
+        centers = _plus_plus(x, x_sq, k, gen)
         labels, inertia = _lloyd(x, x_sq, centers, max_iter, tol)
         if best is None or inertia < best[1]:
             best = (labels, inertia)
