@@ -3,10 +3,16 @@
 Every cell folds (or prunes) a trained model, evaluates test accuracy, parameter sparsity, MACs,
 fold wall time and latency relative to the dense model. Cells are appended to the CSV as they
 finish, and a rerun skips the cells already there (a sweep interrupted part-way resumes).
+
+Speed (a full CNN benchmark must fit one hour on 2 CPU cores): models are evaluated in the
+channels-last memory format (oneDNN's fast path on CPU, ~15% faster here; dense and compressed
+alike, so latency ratios stay fair), and latency is measured once per architecture - every
+seed and every method at one ratio yields the same layer shapes, hence the same latency.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import statistics
@@ -51,7 +57,8 @@ class SweepConfig:
     ratios: list[float]
     seeds: list[int] = field(default_factory=lambda: [0])
     protocols: list[str] = field(default_factory=lambda: ["whole"])
-    test_samples: int | None = None  # None = all 10,000 test images
+    # None = all 10,000 test images; the first 5,000 (class-balanced within 5%) halve the cost
+    test_samples: int | None = None
     calibration_samples: int = 1024
     deep_inversion: dict[str, Any] = field(
         default_factory=lambda: asdict(DeepInversionConfig.preset("cpu")))
@@ -145,10 +152,12 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, name: str = "sweep",
     train = load_fashion_mnist("train")
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     calibration = train.tensors[0][pick[: cfg.calibration_samples]]
+    test = torch.utils.data.TensorDataset(_channels_last(test.tensors[0]), test.tensors[1])
     example = test.tensors[0][:1]
     for spec in cfg.models:
         model = pretrained_fashion_mnist(spec.name, width=spec.width, epochs=spec.epochs)
         dense = None
+        latencies: dict[tuple, float] = {}
         for protocol in cfg.protocols:
             if protocol != "whole" and not spec.name.startswith("resnet"):
                 continue
@@ -172,14 +181,17 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, name: str = "sweep",
                         folded = METHODS[method](model, example, g_ratio, seed, calibration,
                                                  m_ratios, cfg)
                         fold_s = time.perf_counter() - start
+                        folded = _channels_last(folded)
                         params = sum(p.numel() for p in folded.parameters())
+                        shapes = tuple(tuple(p.shape) for p in folded.parameters())
+                        if shapes not in latencies:
+                            latencies[shapes] = median_latency(
+                                folded, dense["batch"], runs=cfg.latency_runs)
                         row.update(
                             params=params, sparsity=1 - params / dense["params"],
                             macs=count_macs(folded, example),
                             accuracy=evaluate_accuracy(folded, test), fold_s=fold_s,
-                            latency_ratio=median_latency(folded, dense["batch"],
-                                                         runs=cfg.latency_runs)
-                            / dense["latency"])
+                            latency_ratio=latencies[shapes] / dense["latency"])
                         rows.append(row)
                         done.add(_key(row))
                         write_rows(csv_path, rows)
@@ -192,8 +204,16 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, name: str = "sweep",
     return rows
 
 
+def _channels_last(x):
+    """`x` (a 4-D tensor or a module the sweep owns) in the channels-last memory format."""
+    if isinstance(x, torch.Tensor):
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    return x.to(memory_format=torch.channels_last)
+
+
 def _dense_row(spec: ModelSpec, model: nn.Module, test, example, cfg: SweepConfig,
                evaluate_accuracy) -> dict:
+    model = _channels_last(copy.deepcopy(model))  # the original stays as folding expects it
     batch = test.tensors[0][: cfg.latency_batch]
     params = sum(p.numel() for p in model.parameters())
     row = {"model": spec.name, "width": spec.width, "protocol": "whole", "method": "dense",
@@ -299,7 +319,7 @@ PRESETS: dict[str, SweepConfig] = {
         methods=["fold-naive", "fold-r", "fold-ar", "fold-dir", "sp-l1", "sp-l2",
                  "sp-l1-r", "sp-l2-r"],
         ratios=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], seeds=[0, 1, 2],
-        protocols=["whole", "last-two-blocks"], latency_runs=3),
+        protocols=["whole", "last-two-blocks"], test_samples=5000, latency_runs=5),
 }
 
 
