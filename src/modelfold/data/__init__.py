@@ -1,5 +1,7 @@
-"""Datasets used by modelfold's experiments."""
+"""Datasets used by modelfold's experiments, and loaders for users' own CIFAR-10 / ImageNet."""
 
 from modelfold.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from modelfold.data.images import CIFAR10_CLASSES, ImageFolder, load_cifar10
 
-__all__ = ["FASHION_MNIST_CLASSES", "load_fashion_mnist"]
+__all__ = ["CIFAR10_CLASSES", "FASHION_MNIST_CLASSES", "ImageFolder", "load_cifar10",
+           "load_fashion_mnist"]
