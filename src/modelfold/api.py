@@ -29,7 +29,7 @@ from modelfold.repair import get_repair
 
 def fold(
     model: nn.Module,
-    example_inputs: Any,
+    example_inputs: Any = None,
     *,
     ratio: float | None = None,
     target_sparsity: float | None = None,
@@ -41,8 +41,14 @@ def fold(
     device: str | torch.device | None = None,
     repair: str | None = None,
     calibration: Any = None,
+    parts: Iterable[str] = ("mlp",),
+    recipe: str | dict | None = None,
 ) -> nn.Module:
     """Fold `model`: cluster the channels of every coupled group and merge each cluster.
+
+    Hugging Face LLaMA / Qwen2 / Mistral causal LMs need no `example_inputs`: they are folded
+    layer by layer by `modelfold.llm.fold_llm` (`parts` = "mlp" and/or "attention", `recipe` =
+    per-layer ratios or a preset; `repair`, `module_ratios`, `ignored` do not apply).
 
     Args:
         model: any traceable PyTorch model. It is not modified unless `inplace=True`.
@@ -62,6 +68,17 @@ def fold(
     Returns:
         The folded model: a real, smaller `nn.Module` of the same classes.
     """
+    if _is_llm(model, example_inputs):
+        from modelfold.llm import fold_llm
+
+        if repair not in (None, "none") or module_ratios or calibration is not None:
+            raise FoldError("LLM folding takes `ratio`, `target_sparsity` or `recipe`, `parts`, "
+                            "`config`, `seed`, `inplace`, `device`; `repair`, `module_ratios` "
+                            "and `calibration` apply to the graph-based path only.")
+        return fold_llm(model, ratio=ratio, target_sparsity=target_sparsity, parts=parts,
+                        recipe=recipe, config=config, seed=seed, inplace=inplace, device=device)
+    if recipe is not None:
+        raise FoldError("`recipe` applies to Hugging Face LLMs; use `module_ratios` here.")
     config = _resolve_config(config, ratio, target_sparsity, seed, module_ratios, repair)
     repairer = get_repair(config.repair)
     if not isinstance(model, nn.Module):
@@ -151,6 +168,21 @@ def fold(
     )
     setattr(work, RECORD_ATTR, record)
     return work
+
+
+def _is_llm(model: Any, example_inputs: Any) -> bool:
+    """A Hugging Face LLM of a supported family. Other Hugging Face models go through the graph
+    path when given `example_inputs`; without them, the error lists the supported families."""
+    from modelfold.llm.architectures import architecture_of, supported_model_types
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        return False
+    if model_type in supported_model_types():
+        return True
+    if example_inputs is None:
+        architecture_of(model)  # raises, listing the supported model types
+    return False
 
 
 def make_plan(discovery: GroupDiscovery, config: FoldConfig, ratio: float) -> FoldPlan:

@@ -1,4 +1,4 @@
-"""Command line: `modelfold fold`, `modelfold summary`, `modelfold demo`."""
+"""Command line: `modelfold fold`, `fold-llm`, `eval-ppl`, `summary`, `sweep`, `demo`."""
 
 from __future__ import annotations
 
@@ -234,6 +234,113 @@ def sweep(
         run_sweep(cfg, out, name or f"sweep_{preset.replace('-', '_')}",
                   log=lambda line: console.print(line))
         console.print(f"[green]wrote[/] {out}")
+    except (FoldError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+def load_llm(path: Path):
+    """(model, tokenizer or None) from a modelfold or Hugging Face folder."""
+    import modelfold as mf
+
+    if not path.is_dir():
+        _fail(f"{path} is not a folder holding a Hugging Face model (config.json + weights).")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        _fail("LLM commands need transformers: pip install 'modelfold[llm]'.")
+    try:
+        if (path / "modelfold.json").is_file():
+            model = mf.load(path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot load a causal LM from {path} ({type(exc).__name__}: {exc}).")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+@app.command("fold-llm")
+def fold_llm_command(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face (or modelfold) model folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the folded model to.")],
+    ratio: Annotated[float | None, typer.Option(help="Fraction of channels/heads removed.")]
+    = None,
+    target_sparsity: Annotated[float | None, typer.Option(
+        help="Fraction of all parameters to remove (uniform ratio solved for).")] = None,
+    recipe: Annotated[str | None, typer.Option(
+        help="Preset name (llama-7b-paper) or JSON {part: {layer or 'a-b': ratio}}.")] = None,
+    parts: Annotated[str, typer.Option(help="Comma-separated: mlp, attention.")] = "mlp",
+    seed: Annotated[int | None, typer.Option(help="Clustering seed (default 0).")] = None,
+) -> None:
+    """Fold a LLaMA / Qwen2 / Mistral model and save it as a Hugging Face folder."""
+    import modelfold as mf
+
+    model, tokenizer = load_llm(model_dir)
+    try:
+        plan = recipe
+        if recipe is not None and recipe.lstrip().startswith("{"):
+            try:
+                plan = json.loads(recipe)
+            except json.JSONDecodeError as exc:
+                _fail(f"--recipe is not valid JSON ({exc}).")
+        folded = mf.fold(model, ratio=ratio, target_sparsity=target_sparsity, recipe=plan,
+                         parts=[p.strip() for p in parts.split(",") if p.strip()], seed=seed)
+        mf.save(folded, out, tokenizer=tokenizer)
+    except FoldError as exc:
+        _fail(str(exc))
+    record = folded._modelfold_llm_record
+    console.print(f"parameters {record['params_before']:,} -> {record['params_after']:,} "
+                  f"({1 - record['params_after'] / record['params_before']:.1%} removed)")
+    console.print(f"[green]wrote[/] {out}")
+
+
+@app.command("eval-ppl")
+def eval_ppl(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face (or modelfold) model folder.")],
+    text: Annotated[Path | None, typer.Option(
+        help="UTF-8 text file (default: the Wikipedia text of the exllamav2 wheel).")] = None,
+    wikitext2: Annotated[Path | None, typer.Option(
+        help="WikiText-2 raw folder (wiki.test.raw) instead of --text.")] = None,
+    tokenizer_dir: Annotated[Path | None, typer.Option(
+        "--tokenizer", help="Tokenizer folder (default: the model folder).")] = None,
+    seq_len: Annotated[int, typer.Option(help="Window length in tokens.")] = 512,
+    windows: Annotated[str, typer.Option(
+        help="Comma-separated window sets: all, head:N, tail:N, mid:N.")] = "tail:40",
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+) -> None:
+    """Perplexity over non-overlapping windows (protocol in modelfold.eval.perplexity)."""
+    from modelfold.eval.perplexity import (
+        load_wikitext2,
+        make_windows,
+        offline_wiki_text,
+        perplexity,
+        pick_windows,
+        tokenize_text,
+    )
+
+    model, tokenizer = load_llm(model_dir)
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tokenizer is None:
+        _fail(f"no tokenizer in {model_dir}; pass --tokenizer.")
+    try:
+        if wikitext2 is not None:
+            content = load_wikitext2(wikitext2)
+        else:
+            source = text if text is not None else offline_wiki_text()
+            if not Path(source).is_file():
+                _fail(f"--text {source}: no such file.")
+            content = Path(source).read_text(encoding="utf-8")
+        stream = make_windows(tokenize_text(tokenizer, content), seq_len)
+        for spec in [w.strip() for w in windows.split(",") if w.strip()]:
+            chosen = pick_windows(stream, spec)
+            ppl = perplexity(model, chosen, batch_size=batch_size)
+            console.print(f"{spec}: perplexity {ppl:.4f} ({chosen.shape[0]} x {seq_len} tokens)")
     except (FoldError, FileNotFoundError) as exc:
         _fail(str(exc))
 

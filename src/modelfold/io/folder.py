@@ -25,6 +25,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from modelfold.errors import FoldError
+from modelfold.io.hf import HF_FORMAT, is_hf_model, load_hf, save_hf
 from modelfold.record import (
     FACTORY_ATTR,
     RECORD_ATTR,
@@ -59,16 +60,20 @@ def save(
     *,
     factory: str | Callable[..., nn.Module] | None = None,
     factory_kwargs: dict[str, Any] | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write `model` (folded or not) to the folder `path`, atomically.
 
     `factory` builds the unfolded architecture at load time; by default the one recorded when
     the model was created by `modelfold.zoo` or folded from such a model, else the model's class
-    called without arguments.
+    called without arguments. Hugging Face LLMs are written as a Hugging Face folder (with
+    `tokenizer` when given) that `from_pretrained` loads; see `modelfold.io.hf`.
     """
     if not isinstance(model, nn.Module):
         raise FoldError(f"save: expected an nn.Module, got {type(model).__name__}.")
     path = Path(path)
+    if is_hf_model(model):
+        return save_hf(model, path, tokenizer=tokenizer)
     record = get_record(model)
     if factory is not None:
         spec = factory_spec(factory, factory_kwargs)
@@ -128,6 +133,8 @@ def load(
     """
     path = Path(path)
     manifest = read_manifest(path)
+    if manifest["format"] == HF_FORMAT:
+        return load_hf(path, manifest, device=device)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise FoldError(f"load: {weights} is missing.")
@@ -169,6 +176,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FoldError(f"load: {manifest_path} is not valid JSON ({exc}).") from exc
+    if isinstance(manifest, dict) and manifest.get("format") == HF_FORMAT:
+        return manifest
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise FoldError(f"load: {manifest_path} is not a modelfold manifest.")
     if manifest.get("format_version") != FORMAT_VERSION:

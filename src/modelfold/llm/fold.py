@@ -1,0 +1,469 @@
+"""Folding (and channel selection) of Hugging Face LLaMA-family decoders, layer by layer.
+
+MLP (SwiGLU): the intermediate channels of a layer are clustered on [gate row | up row | down
+column]; a cluster's gate and up rows are averaged, its down columns summed.
+
+Attention: heads are folded as whole `head_dim` blocks, so RoPE (which rotates pairs inside a
+head) stays consistent. With grouped-query attention every query head stays attached to its
+key/value head: the query heads *inside each KV group* are clustered (q rows averaged, o columns
+summed), every group keeps the same number of query heads (`num_attention_heads` stays a
+multiple of `num_key_value_heads`) and the KV heads - hence the KV cache - are unchanged. With
+multi-head attention (one query head per KV head) whole heads are clustered on [q | k | v rows |
+o columns] and q, k, v averaged. See the README for why (and numbers).
+
+Every transformation is one pair of matrices per layer: `mean_map` (k x n) mixes producer rows,
+`sum_map` (k x n) mixes consumer columns. Folding uses cluster averages / cluster sums; magnitude
+and Wanda-sp pruning (`modelfold.baselines.llm`) use the same code with a selection matrix.
+Math is done in float32 whatever the model's dtype, and the user's model is never changed
+unless `inplace=True`: the result shares every unchanged tensor with it instead of copying the
+whole model, so memory stays at one model plus the rebuilt layers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelfold.cluster.kmeans import kmeans
+from modelfold.config import FoldConfig, check_ratio, kept_channels
+from modelfold.errors import FoldError
+from modelfold.llm.architectures import DecoderArchitecture, architecture_of
+
+PARTS = ("mlp", "attention")
+LLM_RECORD_ATTR = "_modelfold_llm_record"
+
+# The paper's LLaMA-1-7B recipe (Section 5): MLP of layers 5-10 at 0.5 and 13-27 at 0.4.
+RECIPES: dict[str, dict[str, dict[int, float]]] = {
+    "llama-7b-paper": {"mlp": {**{i: 0.5 for i in range(5, 11)},
+                               **{i: 0.4 for i in range(13, 28)}}},
+}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
+def fold_llm(
+    model: nn.Module,
+    *,
+    ratio: float | None = None,
+    target_sparsity: float | None = None,
+    parts: Iterable[str] = ("mlp",),
+    recipe: str | Mapping[str, Mapping[Any, float]] | None = None,
+    config: FoldConfig | None = None,
+    seed: int | None = None,
+    inplace: bool = False,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Fold a Hugging Face LLaMA / Qwen2 / Mistral causal LM (see the module docstring).
+
+    Exactly one of `ratio` (fraction of channels/heads removed in every layer of `parts`),
+    `target_sparsity` (fraction of all parameters; a uniform ratio reaching it is solved for) or
+    `recipe` (per-layer ratios: a preset name from `RECIPES` or {"mlp": {layer: ratio},
+    "attention": {...}}; layer keys may be ints or "a-b" ranges) must be given.
+    `config` supplies the clustering settings (k-means, `n_init`, `seed`, ...).
+    """
+    if config is not None and ratio is None and target_sparsity is None and recipe is None:
+        ratio, target_sparsity = config.ratio, config.target_sparsity
+    config = config or FoldConfig(ratio=0.0)
+    if seed is not None:
+        config = FoldConfig.from_dict({**config.to_dict(), "seed": seed})
+
+    def cluster(labels_for: torch.Tensor, k: int) -> torch.Tensor:
+        return kmeans(labels_for, k, n_init=config.n_init, max_iter=config.max_iter,
+                      tol=config.tol, seed=config.seed).labels
+
+    return transform_llm(model, folding_selector(cluster), ratio=ratio,
+                         target_sparsity=target_sparsity, parts=parts, recipe=recipe,
+                         tolerance=config.sparsity_tolerance, inplace=inplace, device=device,
+                         method="fold", settings=config.to_dict())
+
+
+def transform_llm(
+    model: nn.Module,
+    selector: Callable[[str, int, nn.Module, DecoderArchitecture, int], Any],
+    *,
+    ratio: float | None,
+    target_sparsity: float | None,
+    parts: Iterable[str],
+    recipe: str | Mapping[str, Mapping[Any, float]] | None,
+    tolerance: float = 0.01,
+    inplace: bool = False,
+    device: str | torch.device | None = None,
+    method: str = "fold",
+    settings: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Shrink the layers of `model` with `selector`, which maps (part, layer index, layer,
+    architecture, kept count) to a (mean_map, sum_map) pair. Shared by folding and pruning."""
+    arch = architecture_of(model)
+    parts = _check_parts(parts)
+    _check_parameters(model)
+    layers = arch.layers(model)
+    shapes = [layer_shape(arch, layer) for layer in layers]
+    given = [x is not None for x in (ratio, target_sparsity, recipe)]
+    if sum(given) != 1:
+        raise FoldError("give exactly one of `ratio`, `target_sparsity` or `recipe`.")
+    params_before = count_parameters(model)
+    if recipe is not None:
+        ratios = recipe_ratios(recipe, len(layers))
+        unknown = set(ratios) - set(PARTS)
+        if unknown:
+            raise FoldError(f"recipe names unknown parts {sorted(unknown)}; known: {PARTS}.")
+        parts = tuple(p for p in PARTS if p in ratios)
+    elif target_sparsity is not None:
+        target = check_ratio(target_sparsity, "target_sparsity")
+        uniform = solve_uniform_ratio(model, arch, parts, target, tolerance)
+        ratios = {p: dict.fromkeys(range(len(layers)), uniform) for p in parts}
+    else:
+        uniform = check_ratio(ratio, "ratio")
+        ratios = {p: dict.fromkeys(range(len(layers)), uniform) for p in parts}
+    new_shapes = [kept_shape(arch, layer, s, ratios.get("mlp", {}).get(i, 0.0),
+                             ratios.get("attention", {}).get(i, 0.0))
+                  for i, (layer, s) in enumerate(zip(layers, shapes, strict=True))]
+    predicted = predicted_parameter_count(model, arch, new_shapes)
+
+    work = model if inplace else share_unchanged_copy(model)
+    work_layers = arch.layers(work)
+    with torch.no_grad():
+        for i, layer in enumerate(work_layers):
+            if new_shapes[i].intermediate_size != shapes[i].intermediate_size:
+                maps = selector("mlp", i, layer, arch, new_shapes[i].intermediate_size)
+                _rebuild_mlp(arch, layer, *maps, device)
+            if new_shapes[i].num_attention_heads != shapes[i].num_attention_heads:
+                maps = selector("attention", i, layer, arch, new_shapes[i].num_attention_heads)
+                _rebuild_attention(arch, layer, *maps, new_shapes[i], device)
+    _update_config(work, new_shapes)
+    params_after = count_parameters(work)
+    if params_after != predicted:
+        raise FoldError(f"{method}: {params_after} parameters left, {predicted} expected; the "
+                        "model's layers are not the LLaMA-family layout this handler assumes.")
+    setattr(work, LLM_RECORD_ATTR, {
+        "method": method, "architecture": arch.name, "parts": list(parts),
+        "ratios": {p: {str(i): r for i, r in v.items() if r} for p, v in ratios.items()},
+        "settings": settings or {}, "params_before": params_before, "params_after": params_after,
+        "layers": [s.__dict__ for s in new_shapes],
+    })
+    return work
+
+
+# ---------------------------------------------------------------- shapes and budgets
+
+
+def layer_shape(arch: DecoderArchitecture, layer: nn.Module) -> LayerShape:
+    gate, _, _ = arch.mlp_linears(layer)
+    attn = arch.attention_module(layer)
+    q, k = getattr(attn, arch.q), getattr(attn, arch.k)
+    head_dim = attn.head_dim
+    return LayerShape(gate.out_features, q.out_features // head_dim, k.out_features // head_dim)
+
+
+def kept_shape(arch: DecoderArchitecture, layer: nn.Module, shape: LayerShape, mlp_ratio: float,
+               attention_ratio: float) -> LayerShape:
+    """Shape of a layer after removing `mlp_ratio` of its channels and `attention_ratio` of its
+    query heads (per KV group with GQA, whole heads with MHA)."""
+    n_q, n_kv = shape.num_attention_heads, shape.num_key_value_heads
+    if attention_ratio <= 0:
+        q_new, kv_new = n_q, n_kv
+    elif n_q == n_kv:
+        q_new = kv_new = kept_channels(n_q, attention_ratio)
+    else:
+        q_new, kv_new = n_kv * kept_channels(n_q // n_kv, attention_ratio), n_kv
+    return LayerShape(kept_channels(shape.intermediate_size, mlp_ratio) if mlp_ratio > 0
+                      else shape.intermediate_size, q_new, kv_new)
+
+
+def predicted_parameter_count(model: nn.Module, arch: DecoderArchitecture,
+                              new_shapes: list[LayerShape]) -> int:
+    total = count_parameters(model)
+    for layer, new in zip(arch.layers(model), new_shapes, strict=True):
+        old = layer_shape(arch, layer)
+        gate, up, down = arch.mlp_linears(layer)
+        per_channel = (gate.in_features + up.in_features + down.out_features
+                       + (gate.bias is not None) + (up.bias is not None))
+        total -= (old.intermediate_size - new.intermediate_size) * per_channel
+        attn = arch.attention_module(layer)
+        q, k, v, o = (getattr(attn, n) for n in (arch.q, arch.k, arch.v, arch.o))
+        hd = attn.head_dim
+        per_q = hd * (q.in_features + (q.bias is not None) + o.out_features)
+        per_kv = hd * (k.in_features + (k.bias is not None) + v.in_features + (v.bias is not None))
+        total -= (old.num_attention_heads - new.num_attention_heads) * per_q
+        total -= (old.num_key_value_heads - new.num_key_value_heads) * per_kv
+    return total
+
+
+def solve_uniform_ratio(model: nn.Module, arch: DecoderArchitecture, parts: tuple[str, ...],
+                        target: float, tolerance: float) -> float:
+    """The uniform ratio over `parts` whose parameter sparsity is closest to `target`."""
+    layers = arch.layers(model)
+    shapes = [layer_shape(arch, layer) for layer in layers]
+    total = count_parameters(model)
+
+    def sparsity(r: float) -> float:
+        new = [kept_shape(arch, layer, s, r if "mlp" in parts else 0.0,
+                          r if "attention" in parts else 0.0)
+               for layer, s in zip(layers, shapes, strict=True)]
+        return 1 - predicted_parameter_count(model, arch, new) / total
+
+    lo, hi = 0.0, 0.999
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sparsity(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda r: abs(sparsity(r) - target))
+    if abs(sparsity(best) - target) > tolerance:
+        raise FoldError(f"target_sparsity {target:.3f} is not reachable by folding {parts} "
+                        f"(closest: {sparsity(best):.3f} at ratio {best:.3f}; the maximum is "
+                        f"{sparsity(0.999):.3f}). Add parts or lower the target.")
+    return best
+
+
+def recipe_ratios(recipe: str | Mapping[str, Mapping[Any, float]], n_layers: int
+                  ) -> dict[str, dict[int, float]]:
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise FoldError(f"unknown recipe {recipe!r}; presets: {sorted(RECIPES)}.")
+        recipe = RECIPES[recipe]
+    out: dict[str, dict[int, float]] = {}
+    for part, table in recipe.items():
+        ratios: dict[int, float] = {}
+        for key, value in table.items():
+            for i in _layer_range(key):
+                if not 0 <= i < n_layers:
+                    raise FoldError(f"recipe[{part!r}] names layer {i}; the model has layers "
+                                    f"0-{n_layers - 1}.")
+                ratios[i] = check_ratio(value, f"recipe[{part!r}][{key!r}]")
+        out[part] = ratios
+    return out
+
+
+def _layer_range(key: Any) -> range:
+    if isinstance(key, int):
+        return range(key, key + 1)
+    if isinstance(key, str):
+        try:
+            a, _, b = key.partition("-")
+            return range(int(a), int(b or a) + 1)
+        except ValueError:
+            pass
+    raise FoldError(f"recipe layer key {key!r}: use an int or an 'a-b' range string.")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (a tied embedding / lm_head counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ---------------------------------------------------------------- selectors
+
+
+def assignment_maps(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean_map, sum_map), both (k, n): cluster averages and cluster sums."""
+    one_hot = torch.zeros(k, labels.numel(), dtype=torch.float32, device=labels.device)
+    one_hot[labels, torch.arange(labels.numel(), device=labels.device)] = 1.0
+    return one_hot / one_hot.sum(1, keepdim=True), one_hot
+
+
+def selection_maps(keep: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean_map, sum_map) that keep the channels `keep` (in their original order)."""
+    keep = torch.sort(keep).values
+    select = torch.zeros(keep.numel(), n, dtype=torch.float32, device=keep.device)
+    select[torch.arange(keep.numel(), device=keep.device), keep] = 1.0
+    return select, select
+
+
+def folding_selector(cluster: Callable[[torch.Tensor, int], torch.Tensor]):
+    """Selector that clusters channels / heads on their weights (see the module docstring)."""
+
+    def select(part: str, index: int, layer: nn.Module, arch: DecoderArchitecture, k: int):
+        if part == "mlp":
+            gate, up, down = arch.mlp_linears(layer)
+            features = torch.cat([gate.weight.float(), up.weight.float(),
+                                  down.weight.float().T], 1)
+            return assignment_maps(cluster(features, k), k)
+        attn = arch.attention_module(layer)
+        head_features = head_blocks(arch, attn)
+        n_q, n_kv = head_features["q"].shape[0], head_features["k"].shape[0]
+        if n_q == n_kv:  # multi-head: merge whole heads
+            features = torch.cat([head_features[n] for n in ("q", "k", "v", "o")], 1)
+            return assignment_maps(cluster(features, k), k)
+        m, per_group = n_q // n_kv, k // n_kv
+        features = torch.cat([head_features["q"], head_features["o"]], 1)
+        mean_map = torch.zeros(k, n_q)
+        sum_map = torch.zeros(k, n_q)
+        for g in range(n_kv):  # query heads stay in their KV group
+            rows, cols = slice(g * per_group, (g + 1) * per_group), slice(g * m, (g + 1) * m)
+            mean_map[rows, cols], sum_map[rows, cols] = assignment_maps(
+                cluster(features[cols], per_group), per_group)
+        return mean_map, sum_map
+
+    return select
+
+
+def head_blocks(arch: DecoderArchitecture, attn: nn.Module) -> dict[str, torch.Tensor]:
+    """Per-head flattened weights: q/k/v rows of each head and o columns of each head."""
+    hd = attn.head_dim
+    out = {}
+    for name in ("q", "k", "v"):
+        w = getattr(attn, getattr(arch, name)).weight.float()
+        out[name] = w.reshape(-1, hd * w.shape[1])
+    o = getattr(attn, arch.o).weight.float()  # (hidden, n_q * hd)
+    out["o"] = o.T.reshape(-1, hd * o.shape[0])
+    return out
+
+
+# ---------------------------------------------------------------- rebuilding layers
+
+
+def _expand_heads(head_map: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return torch.kron(head_map, torch.eye(head_dim, dtype=head_map.dtype,
+                                          device=head_map.device))
+
+
+@torch.no_grad()
+def _new_linear(old: nn.Linear, mean_map: torch.Tensor | None, sum_map: torch.Tensor | None,
+                device: str | torch.device | None) -> nn.Linear:
+    """`old` with its output rows mixed by `mean_map` and input columns by `sum_map` (fp32)."""
+    dev = torch.device(device) if device is not None else old.weight.device
+    w = old.weight.detach().to(dev, torch.float32)
+    b = old.bias.detach().to(dev, torch.float32) if old.bias is not None else None
+    if mean_map is not None:
+        mean_map = mean_map.to(dev)
+        w = mean_map @ w
+        b = mean_map @ b if b is not None else None
+    if sum_map is not None:
+        w = w @ sum_map.to(dev).T
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=old.weight.device,
+                    dtype=old.weight.dtype)
+    new.weight.copy_(w)
+    if b is not None:
+        new.bias.copy_(b)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    return new
+
+
+def _rebuild_mlp(arch: DecoderArchitecture, layer: nn.Module, mean_map: torch.Tensor,
+                 sum_map: torch.Tensor, device) -> None:
+    mlp = layer.get_submodule(arch.mlp)
+    gate, up, down = arch.mlp_linears(layer)
+    setattr(mlp, arch.gate, _new_linear(gate, mean_map, None, device))
+    setattr(mlp, arch.up, _new_linear(up, mean_map, None, device))
+    setattr(mlp, arch.down, _new_linear(down, None, sum_map, device))
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = mean_map.shape[0]
+
+
+def _rebuild_attention(arch: DecoderArchitecture, layer: nn.Module, mean_map: torch.Tensor,
+                       sum_map: torch.Tensor, new: LayerShape, device) -> None:
+    attn = arch.attention_module(layer)
+    hd = attn.head_dim
+    q_mean, o_sum = _expand_heads(mean_map, hd), _expand_heads(sum_map, hd)
+    n_kv_old = getattr(attn, arch.k).out_features // hd
+    setattr(attn, arch.q, _new_linear(getattr(attn, arch.q), q_mean, None, device))
+    setattr(attn, arch.o, _new_linear(getattr(attn, arch.o), None, o_sum, device))
+    if new.num_key_value_heads != n_kv_old:  # multi-head: k and v heads merge with q
+        for name in (arch.k, arch.v):
+            setattr(attn, name, _new_linear(getattr(attn, name), q_mean, None, device))
+    attn.num_key_value_groups = new.num_attention_heads // new.num_key_value_heads
+    for attr, value in (("num_heads", new.num_attention_heads),
+                        ("num_key_value_heads", new.num_key_value_heads)):
+        if isinstance(getattr(attn, attr, None), int):
+            setattr(attn, attr, value)
+
+
+def _update_config(model: nn.Module, new: list[LayerShape]) -> None:
+    """Uniform shapes go into the HF config (plain `from_pretrained` then loads the folder);
+    per-layer shapes are recorded for `modelfold.load`."""
+    cfg = model.config
+    head_dim = arch_head_dim(model)
+    cfg.head_dim = head_dim  # explicit: hidden_size / num_attention_heads no longer holds
+    for attr, field in (("intermediate_size", "intermediate_size"),
+                        ("num_attention_heads", "num_attention_heads"),
+                        ("num_key_value_heads", "num_key_value_heads")):
+        values = {getattr(s, field) for s in new}
+        if len(values) == 1:
+            setattr(cfg, attr, values.pop())
+    if _non_uniform(new):
+        cfg.modelfold_layers = [s.__dict__ for s in new]
+    elif hasattr(cfg, "modelfold_layers"):
+        del cfg.modelfold_layers
+
+
+def _non_uniform(shapes: list[LayerShape]) -> bool:
+    return len({(s.intermediate_size, s.num_attention_heads, s.num_key_value_heads)
+                for s in shapes}) > 1
+
+
+def arch_head_dim(model: nn.Module) -> int:
+    arch = architecture_of(model)
+    return int(arch.attention_module(arch.layers(model)[0]).head_dim)
+
+
+def resize_layers(model: nn.Module, shapes: list[LayerShape]) -> None:
+    """Give the layers of a freshly built model the per-layer shapes of a folded one (weights
+    are placeholders until a state dict is loaded)."""
+    arch = architecture_of(model)
+    layers = arch.layers(model)
+    if len(shapes) != len(layers):
+        raise FoldError(f"{len(shapes)} layer shapes recorded, the model has {len(layers)}.")
+    with torch.no_grad():
+        for layer, new in zip(layers, shapes, strict=True):
+            old = layer_shape(arch, layer)
+            if new.intermediate_size != old.intermediate_size:
+                keep = torch.arange(new.intermediate_size)
+                _rebuild_mlp(arch, layer, *selection_maps(keep, old.intermediate_size), None)
+            if (new.num_attention_heads, new.num_key_value_heads) != (
+                    old.num_attention_heads, old.num_key_value_heads):
+                if new.num_key_value_heads == old.num_key_value_heads:
+                    per, m = (new.num_attention_heads // new.num_key_value_heads,
+                              old.num_attention_heads // old.num_key_value_heads)
+                    keep = torch.tensor([g * m + j for g in range(new.num_key_value_heads)
+                                         for j in range(per)])
+                else:
+                    keep = torch.arange(new.num_attention_heads)
+                _rebuild_attention(arch, layer, *selection_maps(keep, old.num_attention_heads),
+                                   new, None)
+
+
+# ---------------------------------------------------------------- checks and copies
+
+
+def share_unchanged_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with `model`.
+
+    Layers are then rebuilt with new tensors in the copy only, so `model` is left untouched
+    without a second full copy of the weights in memory."""
+    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def _check_parts(parts: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(parts, str):
+        parts = (parts,)
+    parts = tuple(parts)
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise FoldError(f"`parts` must be a non-empty subset of {PARTS}, got {parts}.")
+    return parts
+
+
+def _check_parameters(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            raise FoldError(f"parameter {name!r} is on the meta device; load the weights first.")
+        if not p.dtype.is_floating_point:
+            raise FoldError(f"parameter {name!r} has dtype {p.dtype}; folding needs float "
+                            "weights (dequantize first).")
+    for layer_name, p in model.named_parameters():
+        if ".layers." in layer_name and not bool(torch.isfinite(p).all()):
+            raise FoldError(f"parameter {layer_name!r} holds NaN or Inf values.")

@@ -1,0 +1,193 @@
+"""Folding Hugging Face LLaMA-family models: exactness on planted duplicates, GQA validity,
+budgets, dtypes, non-mutation and Hugging Face round trips (tiny random configs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import modelfold as mf
+
+transformers = pytest.importorskip("transformers")
+
+ARCHS = {
+    "llama": lambda **kw: transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)),
+    "qwen2": lambda **kw: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)),
+    "mistral": lambda **kw: transformers.MistralForCausalLM(transformers.MistralConfig(**kw)),
+}
+
+
+def tiny(arch: str = "llama", *, heads: int = 4, kv: int = 2, seed: int = 0,
+         dtype: torch.dtype = torch.float32, **extra) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=heads, num_key_value_heads=kv, head_dim=16,
+              max_position_embeddings=64, tie_word_embeddings=True)
+    kw.update(extra)
+    model = ARCHS[arch](**kw).eval().to(dtype)
+    if arch == "qwen2":  # make the q/k/v biases non-trivial
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    getattr(layer.self_attn, name).bias.normal_(0, 0.1)
+    return model
+
+
+IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def plant_mlp_duplicates(model, n_dup: int) -> None:
+    """The last `n_dup` channels of every MLP repeat the first ones with down columns split in
+    two, so merging each pair is exact."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            n = mlp.gate_proj.out_features
+            src, dst = torch.arange(n_dup), torch.arange(n - n_dup, n)
+            mlp.gate_proj.weight[dst] = mlp.gate_proj.weight[src]
+            mlp.up_proj.weight[dst] = mlp.up_proj.weight[src]
+            half = mlp.down_proj.weight[:, src] / 2
+            mlp.down_proj.weight[:, src] = half
+            mlp.down_proj.weight[:, dst] = half
+
+
+def plant_query_head_duplicates(model) -> None:
+    """Query heads come in identical pairs inside each KV group (o columns split)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            hd = attn.head_dim
+            n_q = attn.q_proj.out_features // hd
+            for h in range(0, n_q, 2):
+                a, b = slice(h * hd, (h + 1) * hd), slice((h + 1) * hd, (h + 2) * hd)
+                attn.q_proj.weight[b] = attn.q_proj.weight[a]
+                if attn.q_proj.bias is not None:
+                    attn.q_proj.bias[b] = attn.q_proj.bias[a]
+                half = attn.o_proj.weight[:, a] / 2
+                attn.o_proj.weight[:, a] = half
+                attn.o_proj.weight[:, b] = half
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_planted_duplicate_mlp_channels_fold_losslessly(arch):
+    model = tiny(arch)
+    plant_mlp_duplicates(model, 24)
+    folded = mf.fold(model, ratio=0.25)
+    assert folded.config.intermediate_size == 72
+    assert all(layer.mlp.down_proj.in_features == 72 for layer in folded.model.layers)
+    torch.testing.assert_close(logits(folded), logits(model), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_gqa_query_heads_fold_within_their_kv_group(arch):
+    model = tiny(arch, heads=8, kv=2)
+    plant_query_head_duplicates(model)
+    folded = mf.fold(model, ratio=0.5, parts=("attention",))
+    cfg = folded.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 16)
+    attn = folded.model.layers[0].self_attn
+    assert attn.q_proj.out_features == 64 and attn.k_proj.out_features == 32
+    assert attn.num_key_value_groups == 2
+    torch.testing.assert_close(logits(folded), logits(model), atol=1e-4, rtol=1e-4)
+
+
+def test_multi_head_attention_merges_whole_heads():
+    model = tiny(heads=4, kv=4)
+    with torch.no_grad():  # heads 2, 3 duplicate heads 0, 1 in q, k and v; o split
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for name in ("q_proj", "k_proj", "v_proj"):
+                getattr(attn, name).weight[32:] = getattr(attn, name).weight[:32]
+            half = attn.o_proj.weight[:, :32] / 2
+            attn.o_proj.weight[:, :32] = half
+            attn.o_proj.weight[:, 32:] = half
+    folded = mf.fold(model, ratio=0.5, parts="attention")
+    assert (folded.config.num_attention_heads, folded.config.num_key_value_heads) == (2, 2)
+    torch.testing.assert_close(logits(folded), logits(model), atol=1e-4, rtol=1e-4)
+
+
+def test_ratio_zero_is_identity_and_the_model_is_not_mutated():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    same = mf.fold(model, ratio=0.0, parts=("mlp", "attention"))
+    torch.testing.assert_close(logits(same), logits(model), atol=0, rtol=0)
+    folded = mf.fold(model, ratio=0.4, parts=("mlp", "attention"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model.config.intermediate_size == 96 and model.config.num_attention_heads == 4
+    assert folded.model.layers[0].mlp.gate_proj.out_features == 58
+    assert folded.model.embed_tokens.weight is model.model.embed_tokens.weight  # shared, no copy
+    assert torch.isfinite(logits(folded)).all()
+
+
+def test_parameter_counts_target_sparsity_and_seed_determinism():
+    model = tiny(num_hidden_layers=4)
+    total = sum(p.numel() for p in model.parameters())
+    folded = mf.fold(model, target_sparsity=0.2, parts=("mlp",))
+    record = folded._modelfold_llm_record
+    assert record["params_after"] == sum(p.numel() for p in folded.parameters())
+    assert abs(1 - record["params_after"] / total - 0.2) <= 0.01
+    again = mf.fold(model, target_sparsity=0.2, parts=("mlp",))
+    for (k, a), b in zip(folded.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(mf.FoldError, match="not reachable"):
+        mf.fold(model, target_sparsity=0.9, parts=("attention",))
+
+
+def test_recipe_gives_per_layer_shapes_and_mf_load_restores_them(tmp_path):
+    model = tiny(num_hidden_layers=4)
+    folded = mf.fold(model, recipe={"mlp": {"1-2": 0.5}, "attention": {3: 0.5}})
+    sizes = [layer.mlp.gate_proj.out_features for layer in folded.model.layers]
+    assert sizes == [96, 48, 48, 96]
+    assert folded.model.layers[3].self_attn.q_proj.out_features == 32
+    out = mf.save(folded, tmp_path / "folded")
+    loaded = mf.load(out)
+    torch.testing.assert_close(logits(loaded), logits(folded), atol=0, rtol=0)
+    with pytest.raises(mf.FoldError, match="unknown recipe"):
+        mf.fold(model, recipe="no-such-recipe")
+    with pytest.raises(mf.FoldError, match="layer 9"):
+        mf.fold(model, recipe={"mlp": {9: 0.5}})
+
+
+def test_uniform_fold_loads_with_plain_from_pretrained(tmp_path):
+    model = tiny("qwen2", heads=8, kv=2)
+    folded = mf.fold(model, ratio=0.3, parts=("mlp", "attention"))
+    out = mf.save(folded, tmp_path / "hf")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(plain), logits(folded), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits(mf.load(out)), logits(folded), atol=0, rtol=0)
+    weights = next(out.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(mf.FoldError, match="checksum"):
+        mf.load(out)
+
+
+def test_half_precision_models_fold_in_fp32_and_keep_their_dtype():
+    model = tiny(dtype=torch.bfloat16)
+    plant_mlp_duplicates(model, 24)
+    folded = mf.fold(model, ratio=0.25)
+    assert all(p.dtype == torch.bfloat16 for p in folded.parameters())
+    torch.testing.assert_close(logits(folded), logits(model), atol=0.05, rtol=0.05)
+
+
+def test_bad_inputs_are_named():
+    model = tiny()
+    with pytest.raises(mf.FoldError, match="parts"):
+        mf.fold(model, ratio=0.2, parts=("mlp", "embeddings"))
+    with pytest.raises(mf.FoldError, match="exactly one"):
+        mf.fold(model, ratio=0.2, recipe="llama-7b-paper")
+    with pytest.raises(mf.FoldError, match="repair"):
+        mf.fold(model, ratio=0.2, repair="data")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0))
+    with pytest.raises(mf.FoldError, match="supported model types"):
+        mf.fold(gpt2, ratio=0.2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(mf.FoldError, match="NaN"):
+        mf.fold(model, ratio=0.2)

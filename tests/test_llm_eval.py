@@ -1,0 +1,119 @@
+"""Perplexity protocol, LLM pruning baselines (magnitude, Wanda-sp) and the LLM commands."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import modelfold as mf
+from modelfold.baselines import prune_llm
+from modelfold.cli import app
+from modelfold.eval.perplexity import make_windows, perplexity, pick_windows
+
+transformers = pytest.importorskip("transformers")
+from test_llm import logits, tiny  # noqa: E402
+
+
+def test_windows_follow_the_anchor_protocol():
+    ids = torch.arange(1130 * 512 + 439)
+    windows = make_windows(ids, 512)
+    assert windows.shape == (1130, 512)  # trailing 439 tokens dropped
+    assert torch.equal(pick_windows(windows, "tail:40")[0, :3], torch.tensor([558080, 558081,
+                                                                              558082]))
+    mid = pick_windows(windows, "mid:40")[:, 0] // 512
+    assert mid[:5].tolist() == [128, 153, 177, 202, 227] and mid[-1] == 1089
+    assert pick_windows(windows, "all").shape[0] == 1130
+    with pytest.raises(mf.FoldError, match="head:N"):
+        pick_windows(windows, "middle:3")
+    with pytest.raises(mf.FoldError, match="fewer than one window"):
+        make_windows(torch.arange(10), 512)
+
+
+def test_perplexity_equals_the_mean_loss_of_hugging_face():
+    model = tiny()
+    windows = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = torch.exp(torch.stack([model(w[None], labels=w[None]).loss
+                                          for w in windows]).mean())
+    assert perplexity(model, windows, batch_size=2) == pytest.approx(float(expected), rel=1e-5)
+
+
+def _zero_mlp_channels(model, n_zero: int) -> None:
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.weight[-n_zero:] = 0
+            layer.mlp.up_proj.weight[-n_zero:] = 0
+            layer.mlp.down_proj.weight[:, -n_zero:] = 0
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp"])
+def test_pruning_removes_dead_channels_exactly(method):
+    model = tiny()
+    _zero_mlp_channels(model, 24)
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    pruned = prune_llm(model, method=method, ratio=0.25, calibration=calibration)
+    assert pruned.config.intermediate_size == 72
+    torch.testing.assert_close(logits(pruned), logits(model), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp"])
+def test_pruning_drops_dead_query_heads_per_kv_group(method):
+    model = tiny(heads=8, kv=2)
+    with torch.no_grad():  # the second half of every group's query heads writes nothing
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for g in range(2):
+                cols = slice((4 * g + 2) * 16, (4 * g + 4) * 16)
+                attn.o_proj.weight[:, cols] = 0
+                attn.q_proj.weight[cols] = 0
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    pruned = prune_llm(model, method=method, ratio=0.5, parts=["attention"],
+                       calibration=calibration)
+    assert (pruned.config.num_attention_heads, pruned.config.num_key_value_heads) == (4, 2)
+    torch.testing.assert_close(logits(pruned), logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_pruning_shares_budgets_with_folding_and_checks_inputs():
+    model = tiny()
+    folded = mf.fold(model, target_sparsity=0.15)
+    pruned = prune_llm(model, target_sparsity=0.15)
+    assert [p.shape for p in folded.parameters()] == [p.shape for p in pruned.parameters()]
+    with pytest.raises(mf.FoldError, match="calibration"):
+        prune_llm(model, method="wanda-sp", ratio=0.2)
+    with pytest.raises(mf.FoldError, match="unknown LLM pruning method"):
+        prune_llm(model, method="flap", ratio=0.2)
+
+
+def _tokenizer(text: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted(set(text.split()))[:126]
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_fold_llm_and_eval_ppl_commands(tmp_path):
+    text = " ".join(f"word{i % 50} token{i % 7}" for i in range(400))
+    (tmp_path / "text.txt").write_text(text)
+    model = tiny()
+    model.save_pretrained(tmp_path / "dense")
+    _tokenizer(text).save_pretrained(tmp_path / "dense")
+    runner = CliRunner()
+    result = runner.invoke(app, ["fold-llm", str(tmp_path / "dense"), "--out",
+                                 str(tmp_path / "folded"), "--ratio", "0.25",
+                                 "--parts", "mlp,attention"])
+    assert result.exit_code == 0, result.output
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "folded")
+    assert plain.config.intermediate_size == 72
+    assert (tmp_path / "folded" / "tokenizer.json").is_file()
+    result = runner.invoke(app, ["eval-ppl", str(tmp_path / "folded"), "--text",
+                                 str(tmp_path / "text.txt"), "--seq-len", "16",
+                                 "--windows", "all,tail:3"])
+    assert result.exit_code == 0, result.output
+    assert "all: perplexity" in result.output and "tail:3: perplexity" in result.output
+    result = runner.invoke(app, ["fold-llm", str(tmp_path / "dense"), "--out",
+                                 str(tmp_path / "x"), "--ratio", "0.2", "--parts", "embeddings"])
+    assert result.exit_code == 2 and "parts" in result.output
