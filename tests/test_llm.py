@@ -132,6 +132,12 @@ def test_parameter_counts_target_sparsity_and_seed_determinism():
     record = folded._modelfold_llm_record
     assert record["params_after"] == sum(p.numel() for p in folded.parameters())
     assert abs(1 - record["params_after"] / total - 0.2) <= 0.01
+    report = mf.summary(model, folded)
+    assert report.params_before == total and report.params_after == record["params_after"]
+    k = folded.config.intermediate_size
+    assert k < 96
+    assert [(g.n, g.k) for g in report.groups if g.kind == "channels"] == [(96, k)] * 4
+    assert "layers.3.mlp" in str(report)
     again = mf.fold(model, target_sparsity=0.2, parts=("mlp",))
     for (k, a), b in zip(folded.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), k

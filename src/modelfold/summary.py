@@ -75,6 +75,9 @@ def summary(
     model: nn.Module | None, folded: nn.Module, example_inputs: Any = None
 ) -> FoldSummary:
     """Compare a model with its folded version (`model` may be None after `load`)."""
+    llm = getattr(folded, "_modelfold_llm_record", None)
+    if llm is not None:
+        return _llm_summary(llm, folded)
     record = get_record(folded)
     if record is None:
         raise FoldError("`folded` carries no fold record: pass a model returned by "
@@ -90,3 +93,18 @@ def summary(
     params_after = sum(p.numel() for p in {id(p): p for p in folded.parameters()}.values())
     return FoldSummary(params_before, params_after, macs_before, macs_after, record.ratio,
                        record.groups)
+
+
+def _llm_summary(record: dict[str, Any], folded: nn.Module) -> FoldSummary:
+    """Per-layer MLP channels and attention heads n -> k of a folded LLM (MACs depend on the
+    sequence length and are not counted)."""
+    groups = []
+    for i, (old, new) in enumerate(zip(record["layers_before"], record["layers"], strict=True)):
+        for kind, key, part in (("channels", "intermediate_size", "mlp"),
+                                ("heads", "num_attention_heads", "self_attn")):
+            status = "folded" if new[key] != old[key] else "kept"
+            groups.append(GroupInfo(f"layers.{i}.{part}", kind, old[key], new[key],
+                                    [f"model.layers.{i}.{part}"], status))
+    params_after = sum(p.numel() for p in {id(p): p for p in folded.parameters()}.values())
+    return FoldSummary(record["params_before"], params_after, None, None,
+                       float(record.get("ratio", 0.0)), groups)

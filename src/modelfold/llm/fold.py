@@ -112,6 +112,7 @@ def transform_llm(
     if sum(given) != 1:
         raise FoldError("give exactly one of `ratio`, `target_sparsity` or `recipe`.")
     params_before = count_parameters(model)
+    uniform = 0.0
     if recipe is not None:
         ratios = recipe_ratios(recipe, len(layers))
         unknown = set(ratios) - set(PARTS)
@@ -149,6 +150,8 @@ def transform_llm(
         "method": method, "architecture": arch.name, "parts": list(parts),
         "ratios": {p: {str(i): r for i, r in v.items() if r} for p, v in ratios.items()},
         "settings": settings or {}, "params_before": params_before, "params_after": params_after,
+        "ratio": uniform if recipe is None else 0.0,
+        "layers_before": [s.__dict__ for s in shapes],
         "layers": [s.__dict__ for s in new_shapes],
     })
     return work

