@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from modelfold.cluster import cluster_channels, group_features
-from modelfold.config import FoldConfig, check_ratio, kept_channels
+from modelfold.config import FoldConfig, bisect_ratio, check_ratio, kept_channels
 from modelfold.errors import FoldError
 from modelfold.graph import GroupDiscovery, discover_groups
 from modelfold.merge.apply import apply_plan, predicted_parameter_count
@@ -213,7 +213,7 @@ def solve_ratio(
                 for g in discovery.groups if g.foldable}
         return 1.0 - predicted_parameter_count(model, discovery, kept) / params_before
 
-    lo, hi = 0.0, 1.0 - 1e-12  # at hi every group keeps one channel
+    hi = 1.0 - 1e-12  # at hi every group keeps one channel
     best = max(sparsity(hi), 0.0)
     if best + config.sparsity_tolerance < target:
         raise FoldError(
@@ -221,19 +221,12 @@ def solve_ratio(
             f"removes at most {best:.4f} of the parameters (groups writing the network output "
             "and ignored modules are never folded)."
         )
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if sparsity(mid) < target:
-            lo = mid
-        else:
-            hi = mid
-    # hi reaches at least the target; lo stays just below it. Take whichever is closer.
-    s_lo, s_hi = sparsity(lo), sparsity(hi)
-    ratio, achieved = (lo, s_lo) if abs(s_lo - target) <= abs(s_hi - target) else (hi, s_hi)
+    ratio = bisect_ratio(sparsity, target, hi)
+    achieved = sparsity(ratio)
     if abs(achieved - target) > config.sparsity_tolerance:
         raise FoldError(
-            f"target_sparsity={target}: the nearest reachable sparsities are {s_lo:.4f} and "
-            f"{s_hi:.4f} (channel counts are integers); raise sparsity_tolerance "
+            f"target_sparsity={target}: the nearest reachable sparsity is {achieved:.4f} "
+            f"(channel counts are integers); raise sparsity_tolerance "
             f"({config.sparsity_tolerance}) or choose another target."
         )
     return ratio

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -154,3 +155,18 @@ def check_ratio(value: object, name: str) -> float:
 def kept_channels(n: int, ratio: float) -> int:
     """k = max(1, round(n * (1 - ratio))), rounding halves up (no banker's rounding)."""
     return max(1, min(n, math.floor(n * (1.0 - ratio) + 0.5)))
+
+
+def bisect_ratio(sparsity: Callable[[float], float], target: float, hi: float) -> float:
+    """The ratio in [0, hi] whose parameter sparsity is closest to `target`.
+
+    `sparsity` is monotone and stepwise in the ratio (channel counts are integers): bisection
+    brackets the step that crosses the target, then the closer side wins."""
+    lo = 0.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if sparsity(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return min((lo, hi), key=lambda r: abs(sparsity(r) - target))

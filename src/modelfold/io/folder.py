@@ -8,6 +8,7 @@ weights, so no class is ever unpickled (timm's pruned-model manifests work the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -15,7 +16,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,16 +90,7 @@ def save(
         raise FoldError(f"save: factory arguments must be JSON-serialisable ({exc}).") from exc
     tensors = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                for name, t in model.state_dict(keep_vars=True).items()}
-    parent = path.parent
-    if path.exists() and not path.is_dir():
-        raise FoldError(f"save: {path} is a file; give a folder path.")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as exc:
-        raise FoldError(f"save: cannot write to {parent} ({exc.strerror}).") from exc
-    try:
+    with atomic_folder(path) as tmp:
         weights = tmp / WEIGHTS
         save_model(model, str(weights))
         manifest = {
@@ -113,11 +105,28 @@ def save(
             "module_attrs": _attrs_against_factory(model, spec, record),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path` to write into; when the block succeeds it replaces
+    `path` in one rename (see `_replace_dir`), when it fails it is removed."""
+    parent = path.parent
+    if path.exists() and not path.is_dir():
+        raise FoldError(f"save: {path} is a file; give a folder path.")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as exc:
+        raise FoldError(f"save: cannot write to {parent} ({exc.strerror}).") from exc
+    try:
+        yield tmp
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def load(

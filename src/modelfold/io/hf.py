@@ -11,8 +11,6 @@ weights.
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +29,13 @@ def is_hf_model(model: nn.Module) -> bool:
 
 
 def save_hf(model: nn.Module, path: Path, *, tokenizer: Any = None) -> Path:
-    from modelfold.io.folder import _replace_dir, _sha256, _version
+    from modelfold.io.folder import _sha256, _version, atomic_folder
     from modelfold.llm.architectures import architecture_of
     from modelfold.llm.fold import LLM_RECORD_ATTR, layer_shape
 
     arch = architecture_of(model)
     shapes = [layer_shape(arch, layer).__dict__ for layer in arch.layers(model)]
-    parent = path.parent
-    if path.exists() and not path.is_dir():
-        raise FoldError(f"save: {path} is a file; give a folder path.")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as exc:
-        raise FoldError(f"save: cannot write to {parent} ({exc.strerror}).") from exc
-    try:
+    with atomic_folder(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -61,10 +50,6 @@ def save_hf(model: nn.Module, path: Path, *, tokenizer: Any = None) -> Path:
             "record": getattr(model, LLM_RECORD_ATTR, None),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

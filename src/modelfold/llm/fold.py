@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from modelfold.cluster.kmeans import kmeans
-from modelfold.config import FoldConfig, check_ratio, kept_channels
+from modelfold.config import FoldConfig, bisect_ratio, check_ratio, kept_channels
 from modelfold.errors import FoldError
 from modelfold.llm.architectures import DecoderArchitecture, architecture_of
 
@@ -215,14 +215,7 @@ def solve_uniform_ratio(model: nn.Module, arch: DecoderArchitecture, parts: tupl
                for layer, s in zip(layers, shapes, strict=True)]
         return 1 - predicted_parameter_count(model, arch, new) / total
 
-    lo, hi = 0.0, 0.999
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if sparsity(mid) < target:
-            lo = mid
-        else:
-            hi = mid
-    best = min((lo, hi), key=lambda r: abs(sparsity(r) - target))
+    best = bisect_ratio(sparsity, target, 0.999)
     if abs(sparsity(best) - target) > tolerance:
         raise FoldError(f"target_sparsity {target:.3f} is not reachable by folding {parts} "
                         f"(closest: {sparsity(best):.3f} at ratio {best:.3f}; the maximum is "
