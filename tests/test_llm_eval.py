@@ -88,11 +88,12 @@ def test_pruning_shares_budgets_with_folding_and_checks_inputs():
 def _tokenizer(text: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = sorted(set(text.split()))[:126]
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    words = sorted(set(text.split()))[:125]
+    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                                                eos_token="</s>")
 
 
 def test_fold_llm_and_eval_ppl_commands(tmp_path):

@@ -345,6 +345,31 @@ def eval_ppl(
         _fail(str(exc))
 
 
+@app.command("eval-zero-shot")
+def eval_zero_shot(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face (or modelfold) model folder.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval task names.")],
+    include_path: Annotated[Path | None, typer.Option(
+        help="Folder of extra task YAML files (e.g. local datasets).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Documents per task (default all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="lm-eval batch size.")] = 1,
+) -> None:
+    """Zero-shot accuracy through lm-eval on the (folded) model (needs modelfold[eval])."""
+    from modelfold.eval.zero_shot import zero_shot
+
+    model, tokenizer = load_llm(model_dir)
+    if tokenizer is None:
+        _fail(f"no tokenizer in {model_dir}.")
+    try:
+        results = zero_shot(model, tokenizer, [t.strip() for t in tasks.split(",") if t.strip()],
+                            include_path=include_path, limit=limit, batch_size=batch_size)
+    except FoldError as exc:
+        _fail(str(exc))
+    for task, metrics in results.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+        console.print(f"{task}: {shown}")
+
+
 def main() -> None:
     app()
 
