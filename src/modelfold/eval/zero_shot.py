@@ -25,8 +25,8 @@ def zero_shot(model: nn.Module, tokenizer, tasks: Iterable[str], *,
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
-        raise FoldError("zero-shot evaluation needs lm-eval: pip install 'modelfold[eval]'.") \
-            from exc
+        raise FoldError(f"zero-shot evaluation needs lm-eval and accelerate ({exc}): "
+                        "pip install 'modelfold[eval]'.") from exc
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
         raise FoldError("zero_shot: give at least one task name.")
