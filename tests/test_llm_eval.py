@@ -82,7 +82,7 @@ def test_pruning_shares_budgets_with_folding_and_checks_inputs():
     with pytest.raises(mf.FoldError, match="calibration"):
         prune_llm(model, method="wanda-sp", ratio=0.2)
     with pytest.raises(mf.FoldError, match="unknown LLM pruning method"):
-        prune_llm(model, method="flap", ratio=0.2)
+        prune_llm(model, method="llm-pruner", ratio=0.2)
 
 
 def _tokenizer(text: str):
@@ -118,3 +118,36 @@ def test_fold_llm_and_eval_ppl_commands(tmp_path):
     result = runner.invoke(app, ["fold-llm", str(tmp_path / "dense"), "--out",
                                  str(tmp_path / "x"), "--ratio", "0.2", "--parts", "embeddings"])
     assert result.exit_code == 2 and "parts" in result.output
+
+
+def test_flap_keeps_the_mean_output_adapts_widths_and_reloads(tmp_path):
+    model = tiny(num_hidden_layers=4, heads=4, kv=4)
+    calibration = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    pruned = prune_llm(model, method="flap", target_sparsity=0.2, parts=("mlp", "attention"),
+                       calibration=calibration)
+    total = sum(p.numel() for p in model.parameters())
+    achieved = 1 - sum(p.numel() for p in pruned.parameters()) / total
+    assert 0.18 <= achieved <= 0.22  # the added-back biases are outside the budget
+    widths = {layer.mlp.down_proj.in_features for layer in pruned.model.layers}
+    heads = [layer.self_attn.o_proj.in_features // 16 for layer in pruned.model.layers]
+    assert len(widths | set(heads)) > 1 and min(heads) >= 1  # adaptive, never empty
+    # Baseline compensation: on the calibration inputs of layer 0's MLP (identical in both
+    # models, attention of layer 0 aside) the mean output is preserved exactly.
+    captured = []
+    hook = model.model.layers[0].mlp.register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(calibration)
+        hook.remove()
+        x = torch.cat(captured)
+        dense_mean = model.model.layers[0].mlp(x).mean(0)
+        pruned_mean = pruned.model.layers[0].mlp(x).mean(0)
+    torch.testing.assert_close(pruned_mean, dense_mean, atol=1e-5, rtol=1e-4)
+    assert pruned.config.mlp_bias and pruned.config.attention_bias
+    loaded = mf.load(mf.save(pruned, tmp_path / "flap"))
+    torch.testing.assert_close(logits(loaded), logits(pruned), atol=0, rtol=0)
+    with pytest.raises(mf.FoldError, match="give `target_sparsity` only"):
+        prune_llm(model, method="flap", ratio=0.2, calibration=calibration)
+    with pytest.raises(mf.FoldError, match="grouped-query"):
+        prune_llm(tiny(), method="flap", target_sparsity=0.1, parts=("attention",),
+                  calibration=calibration)

@@ -7,6 +7,14 @@
   sum_i |W_down[i, j]| * ||X_j||, X = the input of `down_proj` over calibration tokens; a head
   sums the same score over its `o_proj` input columns. Statistics come from one forward pass of
   the dense model (one-shot, as in `anchor_llm.md`).
+- "flap" (data-driven; An et al., "Fluctuation-based Adaptive Structured Pruning for LLMs",
+  AAAI 2024): a channel scores its fluctuation Var(X_j) * ||W_down[:, j]||^2; scores are
+  standardised per layer and part and ranked *globally* (adaptive per-layer widths, FLAP's
+  AL-AM structure) until `target_sparsity` is met; the removed channels' mean contribution
+  W[:, removed] @ E[X_removed] is added back as a `down_proj` (`o_proj`) bias (FLAP's baseline
+  compensation; the config's `mlp_bias` / `attention_bias` is switched on, the other biases are
+  zero, so the result still saves and reloads; these biases are outside the budget, ~0.1 % of a
+  real model). Heads only with multi-head attention, as FLAP; LLaMA configs only.
 The top-k channels / heads are kept in their original order (per KV group with GQA); the layers
 are rebuilt by the same code as folding (`modelfold.llm.fold.transform_llm`).
 """
@@ -23,7 +31,7 @@ from modelfold.errors import FoldError
 from modelfold.llm.architectures import DecoderArchitecture, architecture_of
 from modelfold.llm.fold import head_blocks, selection_maps, transform_llm
 
-LLM_PRUNING_METHODS = ("magnitude", "wanda-sp")
+LLM_PRUNING_METHODS = ("magnitude", "wanda-sp", "flap")
 
 
 def prune_llm(
@@ -35,19 +43,29 @@ def prune_llm(
     parts: Iterable[str] = ("mlp",),
     recipe: str | Mapping[str, Mapping[Any, float]] | None = None,
     calibration: torch.Tensor | None = None,
-    statistics: dict[tuple[int, str], torch.Tensor] | None = None,
+    statistics: dict[tuple[int, str], Any] | None = None,
     batch_size: int = 4,
     inplace: bool = False,
 ) -> nn.Module:
     """Remove the lowest-scoring MLP channels / query heads (see the module docstring).
 
-    `calibration`: (N, L) token windows, required by "wanda-sp" unless `statistics` (the output
-    of `input_norms` on the same model, reusable across budgets) is given.
+    `calibration`: (N, L) token windows, required by "wanda-sp" and "flap" unless `statistics`
+    (the output of `input_norms` for wanda-sp, `input_moments` for flap, computed on the same
+    model and reusable across budgets) is given.
     """
     if method not in LLM_PRUNING_METHODS:
         raise FoldError(f"unknown LLM pruning method {method!r}; known: {LLM_PRUNING_METHODS}.")
     arch = architecture_of(model)
     norms = None
+    if method == "flap":
+        if target_sparsity is None or ratio is not None or recipe is not None:
+            raise FoldError("flap sets per-layer widths itself: give `target_sparsity` only.")
+        moments = statistics if statistics is not None else None
+        if moments is None:
+            if calibration is None:
+                raise FoldError("flap needs `calibration`: token windows (N, L) of real text.")
+            moments = input_moments(model, arch, calibration, batch_size=batch_size)
+        return _flap(model, arch, moments, target_sparsity, tuple(parts), inplace)
     if method == "wanda-sp" and statistics is not None:
         norms = statistics
     elif method == "wanda-sp":
@@ -61,14 +79,15 @@ def prune_llm(
 
 
 @torch.no_grad()
-def input_norms(model: nn.Module, arch: DecoderArchitecture, calibration: torch.Tensor, *,
-                batch_size: int = 4) -> dict[tuple[int, str], torch.Tensor]:
-    """||X_j||_2 of the inputs of every `down_proj` and `o_proj` over all calibration tokens."""
+def input_moments(model: nn.Module, arch: DecoderArchitecture, calibration: torch.Tensor, *,
+                  batch_size: int = 4) -> dict[tuple[int, str], tuple[torch.Tensor, ...]]:
+    """(sum, sum of squares, token count) per input channel of every `down_proj` ("mlp") and
+    `o_proj` ("attention"), float64, from one forward pass of the model over `calibration`."""
     calibration = torch.as_tensor(calibration)
     if calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int):
         raise FoldError(f"calibration must be integer token windows (N, L), got "
                         f"{tuple(calibration.shape)} {calibration.dtype}.")
-    sums: dict[tuple[int, str], torch.Tensor] = {}
+    moments: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
     hooks = []
     for i, layer in enumerate(arch.layers(model)):
         down = arch.mlp_linears(layer)[2]
@@ -76,7 +95,8 @@ def input_norms(model: nn.Module, arch: DecoderArchitecture, calibration: torch.
         for name, module in (("mlp", down), ("attention", o)):
             def hook(_module, args, key=(i, name)):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                sums[key] = sums.get(key, 0) + (x * x).sum(0)
+                s1, s2, n = moments.get(key, (0, 0, 0))
+                moments[key] = (s1 + x.sum(0), s2 + (x * x).sum(0), n + x.shape[0])
             hooks.append(module.register_forward_pre_hook(hook))
     device = next(model.parameters()).device
     was_training = model.training
@@ -88,7 +108,14 @@ def input_norms(model: nn.Module, arch: DecoderArchitecture, calibration: torch.
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {k: v.sqrt().float() for k, v in sums.items()}
+    return moments
+
+
+def input_norms(model: nn.Module, arch: DecoderArchitecture, calibration: torch.Tensor, *,
+                batch_size: int = 4) -> dict[tuple[int, str], torch.Tensor]:
+    """||X_j||_2 of the inputs of every `down_proj` and `o_proj` over all calibration tokens."""
+    moments = input_moments(model, arch, calibration, batch_size=batch_size)
+    return {k: v[1].sqrt().float() for k, v in moments.items()}
 
 
 def _selector(norms: dict[tuple[int, str], torch.Tensor] | None):
@@ -120,3 +147,122 @@ def _selector(norms: dict[tuple[int, str], torch.Tensor] | None):
         return selection_maps(keep, n_q)
 
     return select
+
+
+def _fluctuation(moments, key, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FLAP score per input column of `weight`, mean input per column)."""
+    s1, s2, n = moments[key]
+    mean = s1 / n
+    var = (s2 / n - mean * mean).clamp_min(0)
+    return (var * weight.detach().double().pow(2).sum(0)).float(), mean
+
+
+def _flap(model: nn.Module, arch: DecoderArchitecture, moments, target: float,
+          parts: tuple[str, ...], inplace: bool) -> nn.Module:
+    from modelfold.config import check_ratio
+    from modelfold.llm.fold import count_parameters, layer_shape
+
+    target = check_ratio(target, "target_sparsity")
+    for part, flag in (("mlp", "mlp_bias"), ("attention", "attention_bias")):
+        if part in parts and not hasattr(model.config, flag):
+            raise FoldError(f"flap adds a compensation bias, which a {model.config.model_type} "
+                            f"config cannot describe (no `{flag}`); FLAP targets LLaMA models.")
+    layers = arch.layers(model)
+    scores: dict[tuple[int, str], torch.Tensor] = {}
+    units: list[tuple[float, int, str, int]] = []  # (standardised score, layer, part, cost)
+    for i, layer in enumerate(layers):
+        attn = arch.attention_module(layer)
+        hd = attn.head_dim
+        if "mlp" in parts:
+            gate, up, down = arch.mlp_linears(layer)
+            score, _ = _fluctuation(moments, (i, "mlp"), down.weight)
+            cost = gate.in_features + up.in_features + down.out_features
+            scores[(i, "mlp")] = score
+        if "attention" in parts:
+            shape = layer_shape(arch, layer)
+            if shape.num_attention_heads != shape.num_key_value_heads:
+                raise FoldError("flap removes whole heads of multi-head attention (FLAP's "
+                                "scheme); with grouped-query attention use parts=('mlp',).")
+            o = getattr(attn, arch.o)
+            column, _ = _fluctuation(moments, (i, "attention"), o.weight)
+            scores[(i, "attention")] = column.view(-1, hd).sum(1)
+        for part in parts:
+            score = scores[(i, part)]
+            z = (score - score.mean()) / score.std().clamp_min(1e-12)
+            unit_cost = cost if part == "mlp" else 4 * hd * o.out_features
+            units += [(float(v), i, part, unit_cost) for v in z]
+    units.sort(key=lambda u: u[0])
+    total = count_parameters(model)
+    removed = dict.fromkeys(scores, 0)
+    gone = 0
+    for _, i, part, cost in units:  # lowest standardised fluctuation first, across layers
+        if gone >= target * total:
+            break
+        if removed[(i, part)] + 1 >= scores[(i, part)].numel():
+            continue  # every layer keeps at least one channel / head
+        removed[(i, part)] += 1
+        gone += cost
+    recipe = {p: {i: removed[(i, p)] / scores[(i, p)].numel()
+                  for i in range(len(layers)) if removed[(i, p)]} for p in parts}
+    bias: dict[tuple[int, str], torch.Tensor] = {}
+
+    def select(part: str, index: int, layer: nn.Module, arch: DecoderArchitecture, k: int):
+        score = scores[(index, part)]
+        keep = torch.topk(score, k).indices.cpu()
+        if part == "mlp":
+            weight = arch.mlp_linears(layer)[2].weight
+            _, mean = _fluctuation(moments, (index, "mlp"), weight)
+            drop = torch.ones(score.numel(), dtype=torch.bool)
+            drop[keep] = False
+        else:
+            attn = arch.attention_module(layer)
+            weight = getattr(attn, arch.o).weight
+            _, mean = _fluctuation(moments, (index, "attention"), weight)
+            drop = torch.ones(score.numel(), dtype=torch.bool)
+            drop[keep] = False
+            drop = drop.repeat_interleave(attn.head_dim)
+        drop = drop.to(weight.device)
+        bias[(index, part)] = (weight.detach().double()[:, drop]
+                               @ mean.to(weight.device)[drop]).float()
+        return selection_maps(keep, score.numel())
+
+    work = transform_llm(model, select, ratio=None, target_sparsity=None, parts=parts,
+                         recipe=recipe, inplace=inplace, method="flap",
+                         settings={"method": "flap", "target_sparsity": target})
+    _add_compensation(work, arch, bias, parts)
+    work._modelfold_llm_record["params_after"] = count_parameters(work)
+    return work
+
+
+@torch.no_grad()
+def _add_compensation(model: nn.Module, arch: DecoderArchitecture,
+                      bias: dict[tuple[int, str], torch.Tensor], parts: tuple[str, ...]) -> None:
+    """Biases for every projection of the pruned parts (zero except the compensation), so the
+    config's `mlp_bias` / `attention_bias` describes the model and it reloads."""
+
+    def with_bias(old: nn.Linear, extra: torch.Tensor | None) -> nn.Linear:
+        new = nn.Linear(old.in_features, old.out_features, bias=True,
+                        device=old.weight.device, dtype=old.weight.dtype)
+        new.weight.copy_(old.weight)
+        value = old.bias.float() if old.bias is not None else torch.zeros(
+            old.out_features, device=old.weight.device)
+        if extra is not None:
+            value = value + extra.to(value.device)
+        new.bias.copy_(value)
+        return new
+
+    for i, layer in enumerate(arch.layers(model)):
+        if "mlp" in parts:
+            mlp = layer.get_submodule(arch.mlp)
+            for name in (arch.gate, arch.up, arch.down):
+                extra = bias.get((i, "mlp")) if name == arch.down else None
+                setattr(mlp, name, with_bias(getattr(mlp, name), extra))
+        if "attention" in parts:
+            attn = arch.attention_module(layer)
+            for name in (arch.q, arch.k, arch.v, arch.o):
+                extra = bias.get((i, "attention")) if name == arch.o else None
+                setattr(attn, name, with_bias(getattr(attn, name), extra))
+    if "mlp" in parts:
+        model.config.mlp_bias = True
+    if "attention" in parts:
+        model.config.attention_bias = True
