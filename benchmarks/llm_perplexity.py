@@ -23,7 +23,7 @@ import torch
 
 import modelfold as mf
 from modelfold.baselines import prune_llm
-from modelfold.baselines.llm import input_moments
+from modelfold.baselines.llm import input_moments, norms_from_moments
 from modelfold.eval.perplexity import (
     make_windows,
     offline_wiki_text,
@@ -104,7 +104,7 @@ def main() -> None:
             else:
                 stats = statistics
                 if method == "wanda-sp":
-                    stats = {k: v[1].sqrt().float() for k, v in statistics.items()}
+                    stats = norms_from_moments(statistics)
                 elif method == "magnitude":
                     stats = None
                 compressed = prune_llm(model, method=method, target_sparsity=target, parts=parts,

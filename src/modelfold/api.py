@@ -11,7 +11,7 @@ from torch import nn
 
 from modelfold.cluster import cluster_channels, group_features
 from modelfold.config import FoldConfig, bisect_ratio, check_ratio, kept_channels
-from modelfold.errors import FoldError
+from modelfold.errors import FoldError, check_parameters
 from modelfold.graph import GroupDiscovery, discover_groups
 from modelfold.merge.apply import apply_plan, predicted_parameter_count
 from modelfold.merge.plan import FoldPlan, GroupPlan
@@ -85,7 +85,7 @@ def fold(
         raise FoldError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     if example_inputs is None:
         raise FoldError("`example_inputs` is required: a tensor, tuple or dict the model accepts.")
-    _check_parameters(model)
+    check_parameters(model)
     dev = _resolve_device(device, model)
     names = {id(m): n for n, m in model.named_modules()}
     ignored_names = []
@@ -274,20 +274,6 @@ def _resolve_config(config, ratio, target_sparsity, seed, module_ratios, repair)
     if data.get("ratio") is None and data.get("target_sparsity") is None:
         raise FoldError("give `ratio` (fraction of channels removed) or `target_sparsity`.")
     return FoldConfig.from_dict(data)
-
-
-def _check_parameters(model: nn.Module) -> None:
-    params = dict(model.named_parameters())
-    for name, p in [*params.items(), *model.named_buffers()]:
-        if p.device.type == "meta":
-            raise FoldError(f"tensor {name!r} is on the meta device; load real weights first.")
-        if name in params and not p.is_floating_point():
-            raise FoldError(
-                f"tensor {name!r} has dtype {p.dtype}; quantized or integer weights cannot be "
-                "folded. Fold the float model, then quantize."
-            )
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise FoldError(f"tensor {name!r} contains NaN or Inf values.")
 
 
 def _device_of(model: nn.Module) -> torch.device:

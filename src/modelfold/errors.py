@@ -1,6 +1,9 @@
-"""The one exception type of the public API."""
+"""The one exception type of the public API, and the input check every fold path shares."""
 
 from __future__ import annotations
+
+import torch
+from torch import nn
 
 
 class FoldError(ValueError):
@@ -9,3 +12,18 @@ class FoldError(ValueError):
     The message always names the module, parameter, argument or file at fault and, where one
     exists, the fix.
     """
+
+
+def check_parameters(model: nn.Module) -> None:
+    """Refuse meta-device, non-float (quantized) and non-finite parameters and buffers."""
+    params = dict(model.named_parameters())
+    for name, p in [*params.items(), *model.named_buffers()]:
+        if p.device.type == "meta":
+            raise FoldError(f"tensor {name!r} is on the meta device; load real weights first.")
+        if name in params and not p.is_floating_point():
+            raise FoldError(
+                f"tensor {name!r} has dtype {p.dtype}; quantized or integer weights cannot be "
+                "folded. Fold the float model, then quantize."
+            )
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise FoldError(f"tensor {name!r} contains NaN or Inf values.")

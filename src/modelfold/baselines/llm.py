@@ -60,7 +60,7 @@ def prune_llm(
     if method == "flap":
         if target_sparsity is None or ratio is not None or recipe is not None:
             raise FoldError("flap sets per-layer widths itself: give `target_sparsity` only.")
-        moments = statistics if statistics is not None else None
+        moments = statistics
         if moments is None:
             if calibration is None:
                 raise FoldError("flap needs `calibration`: token windows (N, L) of real text.")
@@ -114,7 +114,12 @@ def input_moments(model: nn.Module, arch: DecoderArchitecture, calibration: torc
 def input_norms(model: nn.Module, arch: DecoderArchitecture, calibration: torch.Tensor, *,
                 batch_size: int = 4) -> dict[tuple[int, str], torch.Tensor]:
     """||X_j||_2 of the inputs of every `down_proj` and `o_proj` over all calibration tokens."""
-    moments = input_moments(model, arch, calibration, batch_size=batch_size)
+    return norms_from_moments(input_moments(model, arch, calibration, batch_size=batch_size))
+
+
+def norms_from_moments(moments: dict[tuple[int, str], tuple[torch.Tensor, ...]]
+                       ) -> dict[tuple[int, str], torch.Tensor]:
+    """||X_j||_2 per input channel from `input_moments` (Wanda-sp's statistics)."""
     return {k: v[1].sqrt().float() for k, v in moments.items()}
 
 
@@ -169,13 +174,14 @@ def _flap(model: nn.Module, arch: DecoderArchitecture, moments, target: float,
                             f"config cannot describe (no `{flag}`); FLAP targets LLaMA models.")
     layers = arch.layers(model)
     scores: dict[tuple[int, str], torch.Tensor] = {}
+    means: dict[tuple[int, str], torch.Tensor] = {}  # mean input per down_proj / o_proj column
     units: list[tuple[float, int, str, int]] = []  # (standardised score, layer, part, cost)
     for i, layer in enumerate(layers):
         attn = arch.attention_module(layer)
         hd = attn.head_dim
         if "mlp" in parts:
             gate, up, down = arch.mlp_linears(layer)
-            score, _ = _fluctuation(moments, (i, "mlp"), down.weight)
+            score, means[(i, "mlp")] = _fluctuation(moments, (i, "mlp"), down.weight)
             cost = gate.in_features + up.in_features + down.out_features
             scores[(i, "mlp")] = score
         if "attention" in parts:
@@ -184,7 +190,7 @@ def _flap(model: nn.Module, arch: DecoderArchitecture, moments, target: float,
                 raise FoldError("flap removes whole heads of multi-head attention (FLAP's "
                                 "scheme); with grouped-query attention use parts=('mlp',).")
             o = getattr(attn, arch.o)
-            column, _ = _fluctuation(moments, (i, "attention"), o.weight)
+            column, means[(i, "attention")] = _fluctuation(moments, (i, "attention"), o.weight)
             scores[(i, "attention")] = column.view(-1, hd).sum(1)
         for part in parts:
             score = scores[(i, part)]
@@ -209,21 +215,17 @@ def _flap(model: nn.Module, arch: DecoderArchitecture, moments, target: float,
     def select(part: str, index: int, layer: nn.Module, arch: DecoderArchitecture, k: int):
         score = scores[(index, part)]
         keep = torch.topk(score, k).indices.cpu()
+        drop = torch.ones(score.numel(), dtype=torch.bool)
+        drop[keep] = False
         if part == "mlp":
             weight = arch.mlp_linears(layer)[2].weight
-            _, mean = _fluctuation(moments, (index, "mlp"), weight)
-            drop = torch.ones(score.numel(), dtype=torch.bool)
-            drop[keep] = False
         else:
             attn = arch.attention_module(layer)
             weight = getattr(attn, arch.o).weight
-            _, mean = _fluctuation(moments, (index, "attention"), weight)
-            drop = torch.ones(score.numel(), dtype=torch.bool)
-            drop[keep] = False
-            drop = drop.repeat_interleave(attn.head_dim)
+            drop = drop.repeat_interleave(attn.head_dim)  # heads -> their o_proj columns
         drop = drop.to(weight.device)
-        bias[(index, part)] = (weight.detach().double()[:, drop]
-                               @ mean.to(weight.device)[drop]).float()
+        mean = means[(index, part)].to(weight.device)
+        bias[(index, part)] = (weight.detach().double()[:, drop] @ mean[drop]).float()
         return selection_maps(keep, score.numel())
 
     work = transform_llm(model, select, ratio=None, target_sparsity=None, parts=parts,

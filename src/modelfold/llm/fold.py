@@ -31,7 +31,7 @@ from torch import nn
 
 from modelfold.cluster.kmeans import kmeans
 from modelfold.config import FoldConfig, bisect_ratio, check_ratio, kept_channels
-from modelfold.errors import FoldError
+from modelfold.errors import FoldError, check_parameters
 from modelfold.llm.architectures import DecoderArchitecture, architecture_of
 
 PARTS = ("mlp", "attention")
@@ -105,7 +105,7 @@ def transform_llm(
     architecture, kept count) to a (mean_map, sum_map) pair. Shared by folding and pruning."""
     arch = architecture_of(model)
     parts = _check_parts(parts)
-    _check_parameters(model)
+    check_parameters(model)
     layers = arch.layers(model)
     shapes = [layer_shape(arch, layer) for layer in layers]
     given = [x is not None for x in (ratio, target_sparsity, recipe)]
@@ -126,9 +126,9 @@ def transform_llm(
     else:
         uniform = check_ratio(ratio, "ratio")
         ratios = {p: dict.fromkeys(range(len(layers)), uniform) for p in parts}
-    new_shapes = [kept_shape(arch, layer, s, ratios.get("mlp", {}).get(i, 0.0),
+    new_shapes = [kept_shape(s, ratios.get("mlp", {}).get(i, 0.0),
                              ratios.get("attention", {}).get(i, 0.0))
-                  for i, (layer, s) in enumerate(zip(layers, shapes, strict=True))]
+                  for i, s in enumerate(shapes)]
     predicted = predicted_parameter_count(model, arch, new_shapes)
 
     work = model if inplace else share_unchanged_copy(model)
@@ -150,7 +150,7 @@ def transform_llm(
         "method": method, "architecture": arch.name, "parts": list(parts),
         "ratios": {p: {str(i): r for i, r in v.items() if r} for p, v in ratios.items()},
         "settings": settings or {}, "params_before": params_before, "params_after": params_after,
-        "ratio": uniform if recipe is None else 0.0,
+        "ratio": uniform,
         "layers_before": [s.__dict__ for s in shapes],
         "layers": [s.__dict__ for s in new_shapes],
     })
@@ -168,8 +168,7 @@ def layer_shape(arch: DecoderArchitecture, layer: nn.Module) -> LayerShape:
     return LayerShape(gate.out_features, q.out_features // head_dim, k.out_features // head_dim)
 
 
-def kept_shape(arch: DecoderArchitecture, layer: nn.Module, shape: LayerShape, mlp_ratio: float,
-               attention_ratio: float) -> LayerShape:
+def kept_shape(shape: LayerShape, mlp_ratio: float, attention_ratio: float) -> LayerShape:
     """Shape of a layer after removing `mlp_ratio` of its channels and `attention_ratio` of its
     query heads (per KV group with GQA, whole heads with MHA)."""
     n_q, n_kv = shape.num_attention_heads, shape.num_key_value_heads
@@ -205,14 +204,12 @@ def predicted_parameter_count(model: nn.Module, arch: DecoderArchitecture,
 def solve_uniform_ratio(model: nn.Module, arch: DecoderArchitecture, parts: tuple[str, ...],
                         target: float, tolerance: float) -> float:
     """The uniform ratio over `parts` whose parameter sparsity is closest to `target`."""
-    layers = arch.layers(model)
-    shapes = [layer_shape(arch, layer) for layer in layers]
+    shapes = [layer_shape(arch, layer) for layer in arch.layers(model)]
     total = count_parameters(model)
 
     def sparsity(r: float) -> float:
-        new = [kept_shape(arch, layer, s, r if "mlp" in parts else 0.0,
-                          r if "attention" in parts else 0.0)
-               for layer, s in zip(layers, shapes, strict=True)]
+        new = [kept_shape(s, r if "mlp" in parts else 0.0, r if "attention" in parts else 0.0)
+               for s in shapes]
         return 1 - predicted_parameter_count(model, arch, new) / total
 
     best = bisect_ratio(sparsity, target, 0.999)
@@ -451,15 +448,3 @@ def _check_parts(parts: Iterable[str]) -> tuple[str, ...]:
     if bad or not parts:
         raise FoldError(f"`parts` must be a non-empty subset of {PARTS}, got {parts}.")
     return parts
-
-
-def _check_parameters(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if p.device.type == "meta":
-            raise FoldError(f"parameter {name!r} is on the meta device; load the weights first.")
-        if not p.dtype.is_floating_point:
-            raise FoldError(f"parameter {name!r} has dtype {p.dtype}; folding needs float "
-                            "weights (dequantize first).")
-    for layer_name, p in model.named_parameters():
-        if ".layers." in layer_name and not bool(torch.isfinite(p).all()):
-            raise FoldError(f"parameter {layer_name!r} holds NaN or Inf values.")
