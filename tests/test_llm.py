@@ -181,6 +181,18 @@ def test_half_precision_models_fold_in_fp32_and_keep_their_dtype():
     torch.testing.assert_close(logits(folded), logits(model), atol=0.05, rtol=0.05)
 
 
+
+def test_half_precision_per_layer_fold_reloads_in_its_dtype(tmp_path):
+    folded = mf.fold(tiny(dtype=torch.bfloat16), recipe={"mlp": {1: 0.5}})
+    loaded = mf.load(mf.save(folded, tmp_path / "bf16"))
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    saved = folded.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    # rotary buffers are rebuilt by transformers (not saved), so logits agree to bf16 precision
+    torch.testing.assert_close(logits(loaded), logits(folded), atol=0.05, rtol=0.05)
+
+
 def test_bad_inputs_are_named():
     model = tiny()
     with pytest.raises(mf.FoldError, match="parts"):

@@ -53,8 +53,8 @@ def save_hf(model: nn.Module, path: Path, *, tokenizer: Any = None) -> Path:
     return path
 
 
-def load_hf(path: Path, manifest: dict[str, Any], *, device: str | torch.device | None = None,
-            dtype: torch.dtype | None = None) -> nn.Module:
+def load_hf(path: Path, manifest: dict[str, Any], *, device: str | torch.device | None = None
+            ) -> nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -76,9 +76,10 @@ def load_hf(path: Path, manifest: dict[str, Any], *, device: str | torch.device 
             raise FoldError(f"load: {file} does not match the checksum in {path / MANIFEST}; "
                             "the file is truncated or was modified.")
     config = AutoConfig.from_pretrained(path)
-    if dtype is not None:
-        config.dtype = dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    dtype = getattr(config, "dtype", None) or torch.float32  # the saved dtype (bf16 stays bf16)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     try:
         resize_layers(model, [LayerShape(**s) for s in manifest["layers"]])
     except (TypeError, KeyError) as exc:
