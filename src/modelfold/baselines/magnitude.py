@@ -11,29 +11,18 @@ classifier's class rows), which makes its numbers incomparable (see anchor_fmnis
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 
-from modelfold.api import _call, _check_output, _group_infos, _to_device, _unique_params
+from modelfold.baselines.driver import compress
 from modelfold.cluster.features import head_block
-from modelfold.config import check_ratio, kept_channels
 from modelfold.errors import FoldError
-from modelfold.graph import ChannelGroup, discover_groups
-from modelfold.merge.apply import remove_channels
+from modelfold.graph import ChannelGroup
+from modelfold.merge.apply import ChannelMap
 from modelfold.merge.handlers import find_attention_handler, find_layer_handler
 from modelfold.merge.layout import SlotLayout
-from modelfold.merge.plan import FoldPlan, GroupPlan
-from modelfold.record import (
-    FACTORY_ATTR,
-    RECORD_ATTR,
-    FoldRecord,
-    changed_attrs,
-    input_spec,
-    simple_attrs,
-)
 
 _FILTERS = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -71,52 +60,15 @@ def magnitude_prune(
 ) -> nn.Module:
     """SP-L1 (`p=1`) / SP-L2 (`p=2`) on a copy of `model`; `reset_bn=` calibration data
     re-estimates BN statistics afterwards (the optional repair of the reference baseline)."""
-    check_ratio(ratio, "ratio")
     if p not in (1, 2):
         raise FoldError(f"magnitude_prune: p must be 1 or 2, got {p!r}.")
-    names = {id(m): n for n, m in model.named_modules()}
-    work = copy.deepcopy(model)
-    modules = dict(work.named_modules())
-    dev = next(work.parameters()).device
-    inputs = _to_device(example_inputs, dev)
-    attrs_before = {n: simple_attrs(m) for n, m in model.named_modules()}
-    was_training = work.training
-    with torch.no_grad():
-        reference = _call(work.eval(), inputs)
-    discovery = discover_groups(work, inputs, ignored=[modules[names[id(m)]] for m in ignored])
-    params_before = sum(t.numel() for t in _unique_params(work))
-    ratios = dict(module_ratios or {})
-    plan = FoldPlan(ratio=ratio)
-    keeps: dict[str, list[int]] = {}
-    for group in discovery.groups:
-        if not group.foldable:
-            continue
-        r = next((ratios[s.name] for s in group.slots
-                  if s.role == "producer" and s.name in ratios), ratio)
-        k = kept_channels(group.n, r)
-        if k == group.n:
-            continue
-        keep = sorted(torch.argsort(channel_norms(group, p), descending=True,
-                                    stable=True)[:k].tolist())
-        keeps[group.name] = keep
-        labels = [keep.index(i) if i in keep else 0 for i in range(group.n)]
-        plan.groups[group.name] = GroupPlan(group.name, group.kind, group.n, k, labels)
-    for group in discovery.groups:
-        if group.name in keeps:
-            remove_channels(discovery, group, keeps[group.name])
-    if reset_bn is not None:
-        from modelfold.repair import calibration as calib
-        from modelfold.repair.statistics import reset_batchnorm
+    return compress(model, example_inputs, method=f"sp-l{p}", ratio=ratio,
+                    make_map=lambda group, k, norms: ChannelMap.selection(top_k(norms, k),
+                                                                          group.n),
+                    score=lambda group: channel_norms(group, p), module_ratios=module_ratios,
+                    ignored=ignored, reset_bn=reset_bn, calibration_samples=calibration_samples)
 
-        reset_batchnorm(work, calib.to_device(calib.collect(reset_bn, calibration_samples), dev))
-    work.train(was_training)
-    _check_output(work, inputs, reference)
-    setattr(work, RECORD_ATTR, FoldRecord(
-        config={"method": f"sp-l{p}", "ratio": ratio, "module_ratios": ratios},
-        ratio=ratio, plan=plan.to_dict(), groups=_group_infos(discovery, plan),
-        module_attrs=changed_attrs(attrs_before, work), input_spec=input_spec(example_inputs),
-        params_before=params_before,
-        params_after=sum(t.numel() for t in _unique_params(work)),
-        factory=getattr(model, FACTORY_ATTR, None), extra={"kept": keeps},
-    ))
-    return work
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores, in increasing index order (ties: lower index first)."""
+    return sorted(torch.argsort(scores, descending=True, stable=True)[:k].tolist())

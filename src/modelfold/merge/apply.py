@@ -1,13 +1,16 @@
 """Apply a FoldPlan: producers -> cluster mean, consumers -> cluster sum, then shrink modules.
 
-Merged values are written into each cluster's representative channel; Torch-Pruning then removes
-the other channels physically (updating in/out_channels, num_features, ... so the result is a
-real, smaller model).
+Every merge is a `ChannelMap`: the k surviving channels get linear combinations of the group's n
+channels, producer rows with one matrix (a cluster mean for folding) and consumer columns with
+another (a cluster sum), written into the survivors' slots; Torch-Pruning then removes the other
+channels physically (updating in/out_channels, num_features, ... so the result is a real,
+smaller model). Baselines that are not clusterings (IFM, INN, Neuron Merging, Intra-Fusion)
+are other matrices through the same code.
 """
 
 from __future__ import annotations
 
-from functools import partial
+from dataclasses import dataclass
 
 import torch
 
@@ -17,30 +20,69 @@ from modelfold.merge.layout import SlotLayout
 from modelfold.merge.plan import FoldPlan, GroupPlan
 
 
+@dataclass(frozen=True)
+class ChannelMap:
+    """How a group of n channels becomes k: survivor keep[j] gets producer rows
+    sum_i producer[j, i] * row_i and consumer columns sum_i consumer[j, i] * column_i."""
+
+    keep: torch.Tensor  # (k,) distinct channel indices whose slots receive the results
+    producer: torch.Tensor  # (k, n)
+    consumer: torch.Tensor  # (k, n)
+
+    @classmethod
+    def from_labels(cls, gp: GroupPlan) -> ChannelMap:
+        """Folding: producers take their cluster's mean, consumers its sum."""
+        labels = gp.labels_tensor()
+        member = torch.zeros(gp.k, gp.n, dtype=torch.float64)
+        member[labels, torch.arange(gp.n)] = 1.0
+        return cls(torch.tensor(gp.representatives), member / member.sum(1, keepdim=True), member)
+
+    @classmethod
+    def selection(cls, keep: list[int], n: int) -> ChannelMap:
+        """Pruning: the kept channels stay as they are."""
+        pick = torch.zeros(len(keep), n, dtype=torch.float64)
+        pick[torch.arange(len(keep)), torch.tensor(keep)] = 1.0
+        return cls(torch.tensor(keep), pick, pick)
+
+    def matrix(self, reduce: str) -> torch.Tensor:
+        if reduce == "mean":
+            return self.producer
+        if reduce == "sum":
+            return self.consumer
+        raise ValueError(reduce)
+
+
 @torch.no_grad()
 def apply_plan(discovery: GroupDiscovery, plan: FoldPlan) -> None:
     """Fold the discovery's model in place according to `plan`."""
+    maps = {name: ChannelMap.from_labels(gp) for name, gp in plan.groups.items() if gp.k < gp.n}
+    apply_channel_maps(discovery, maps)
+
+
+@torch.no_grad()
+def apply_channel_maps(discovery: GroupDiscovery, maps: dict[str, ChannelMap]) -> None:
+    """Merge every group named in `maps` in place, then remove its non-surviving channels."""
     for group in discovery.groups:
-        gp = plan.groups.get(group.name)
-        if gp is None or gp.k == gp.n:
+        cmap = maps.get(group.name)
+        if cmap is None:
             continue
         if group.kind == "heads":
-            _fold_heads(group, gp)
+            _mix_heads(group, cmap)
         else:
-            _fold_channels(discovery.refresh(group), gp)
-        remove_channels(discovery, group, gp.representatives)
+            _mix_channels(discovery.refresh(group), cmap)
+        remove_channels(discovery, group, cmap.keep.tolist())
 
 
-def _fold_channels(group: ChannelGroup, gp: GroupPlan) -> None:
-    labels, reps = gp.labels_tensor(), torch.tensor(gp.representatives)
+def _mix_channels(group: ChannelGroup, cmap: ChannelMap) -> None:
     for slot in group.slots:
         handler = find_layer_handler(slot.module, slot.name)
         layout = SlotLayout.build(slot.idxs, slot.root_idxs, group.n, slot.name)
-        reduce = "mean" if slot.role == "producer" else "sum"
+        matrix = cmap.producer if slot.role == "producer" else cmap.consumer
         for tensor, axis in handler.tensors(slot.module, slot.role):
-            tensor.data.copy_(layout.fold(tensor, axis, labels, reps, reduce))
+            tensor.data.copy_(layout.mix(tensor, axis, matrix, cmap.keep))
         if handler.merge_extra is not None and slot.role == "producer":
-            handler.merge_extra(slot.module, partial(_fold_with, layout, labels, reps))
+            handler.merge_extra(slot.module, lambda t, axis, reduce, layout=layout:
+                                layout.mix(t, axis, cmap.matrix(reduce), cmap.keep))
 
 
 @torch.no_grad()
@@ -62,19 +104,13 @@ def remove_channels(discovery: GroupDiscovery, group: ChannelGroup, keep: list[i
                             drop).prune(record_history=False)
 
 
-def _fold_with(layout: SlotLayout, labels: torch.Tensor, reps: torch.Tensor,
-               tensor: torch.Tensor, axis: int, reduce: str) -> torch.Tensor:
-    return layout.fold(tensor, axis, labels, reps, reduce)
-
-
-def _fold_heads(group: ChannelGroup, gp: GroupPlan) -> None:
+def _mix_heads(group: ChannelGroup, cmap: ChannelMap) -> None:
     module = group.slots[0].module
     handler = find_attention_handler(module)
     d, n = handler.head_dim(module), group.n
     layout = SlotLayout.build(list(range(n * d)), [i // d for i in range(n * d)], n, group.name)
-    labels, reps = gp.labels_tensor(), torch.tensor(gp.representatives)
     for tensor, axis, reduce in handler.head_blocks(module):
-        tensor.data.copy_(layout.fold(tensor, axis, labels, reps, reduce))
+        tensor.data.copy_(layout.mix(tensor, axis, cmap.matrix(reduce), cmap.keep))
 
 
 def predicted_parameter_count(

@@ -53,28 +53,21 @@ class SlotLayout:
         grouped = sel[self.positions.to(moved.device)]  # (n, e, *rest)
         return grouped.reshape(self.n, -1)
 
-    def fold(
-        self, tensor: torch.Tensor, axis: int, labels: torch.Tensor, reps: torch.Tensor,
-        reduce: str,
-    ) -> torch.Tensor:
-        """A copy of `tensor` whose representative channels hold their cluster's mean or sum.
+    def mix(self, tensor: torch.Tensor, axis: int, matrix: torch.Tensor,
+            keep: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor` whose channel keep[j] holds sum_i matrix[j, i] * channel i.
 
-        Math runs in float64 (the result is cast back), so fp16/bf16 models merge exactly.
+        Channels outside `keep` are left as they are (they are removed afterwards). Folding is
+        the special case of a cluster-mean (producers) or cluster-sum (consumers) matrix. Math
+        runs in float64 (the result is cast back), so fp16/bf16 models merge exactly.
         """
         dev = tensor.device
         moved = tensor.detach().movedim(axis, 0).double()
         idxs = self.idxs.to(dev)
-        grouped = moved.index_select(0, idxs)[self.positions.to(dev)]  # (n, e, *rest)
-        k = reps.numel()
-        labels = labels.to(dev)
-        agg = torch.zeros((k, *grouped.shape[1:]), dtype=grouped.dtype, device=dev)
-        agg.index_add_(0, labels, grouped)
-        if reduce == "mean":
-            counts = torch.bincount(labels, minlength=k).to(agg.dtype)
-            agg /= counts.view(-1, *([1] * (agg.ndim - 1)))
-        elif reduce != "sum":
-            raise ValueError(reduce)
-        targets = idxs[self.positions.to(dev)[reps.to(dev)]].reshape(-1)  # (k*e,)
+        positions = self.positions.to(dev)
+        grouped = moved.index_select(0, idxs)[positions]  # (n, e, *rest)
+        mixed = matrix.to(dev, torch.float64) @ grouped.reshape(self.n, -1)
+        targets = idxs[positions[keep.to(dev)]].reshape(-1)  # (k*e,)
         out = moved.clone()
-        out.index_copy_(0, targets, agg.reshape(-1, *agg.shape[2:]))
+        out.index_copy_(0, targets, mixed.reshape(-1, *grouped.shape[2:]))
         return out.to(tensor.dtype).movedim(0, axis).contiguous()
