@@ -25,7 +25,8 @@ def test_quick_sweep_writes_tables_and_plots_and_resumes(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     rows = read_rows(tmp_path / "out" / "sweep_quick.csv")
     methods = {r["method"] for r in rows}
-    assert methods == {"dense", "fold-naive", "fold-r", "fold-ar", "fold-dir", "sp-l1", "sp-l2"}
+    assert methods == {"dense", "fold-naive", "fold-r", "fold-ar", "fold-dir", "sp-l1", "sp-l2",
+                       "ifm", "inn", "neuron-merging", "intra-fusion"}
     assert set(rows[0]) == set(FIELDS)
     folded = [r for r in rows if r["method"] != "dense"]
     # same groups and ratio semantics: folding and pruning reach the same sparsity
@@ -36,12 +37,12 @@ def test_quick_sweep_writes_tables_and_plots_and_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "sweep_quick.md").read_text().count("\n") == len(rows) + 2
     assert (tmp_path / "out" / "sweep_quick_vgg11_bn-w8_whole.png").stat().st_size > 10_000
     # an interrupted sweep resumes: a rerun adds only the missing cells
-    cut = [r for r in rows if r["method"] != "sp-l2"]
+    cut = [r for r in rows if r["method"] not in ("sp-l2", "inn")]
     (tmp_path / "out" / "sweep_quick.csv").write_text(
         ",".join(FIELDS) + "\n" + "\n".join(",".join(r[f] for f in FIELDS) for r in cut) + "\n")
     cfg = dataclasses.replace(preset("quick"), ratios=[0.5])
     again = run_sweep(cfg, tmp_path / "out", "sweep_quick", log=lambda line: None)
-    assert [r["method"] for r in again[len(cut):]] == ["sp-l2"]
+    assert [r["method"] for r in again[len(cut):]] == ["sp-l2", "inn"]
 
 
 def test_magnitude_pruning_keeps_the_largest_filters(example):

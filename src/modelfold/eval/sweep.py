@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import modelfold as mf
-from modelfold.baselines import magnitude_prune
+from modelfold.baselines import ifm, inn, intra_fusion, magnitude_prune, neuron_merging
 from modelfold.errors import FoldError
 from modelfold.eval.latency import median_latency
 from modelfold.repair import DeepInversionConfig
@@ -34,7 +34,11 @@ from modelfold.summary import count_macs
 
 LABELS = {"fold-naive": "Fold-Naive", "fold-r": "Fold-R", "fold-ar": "Fold-AR",
           "fold-dir": "Fold-DIR", "sp-l1": "SP-L1", "sp-l2": "SP-L2", "sp-l1-r": "SP-L1 + BN reset",
-          "sp-l2-r": "SP-L2 + BN reset"}
+          "sp-l2-r": "SP-L2 + BN reset", "ifm": "IFM", "inn": "INN",
+          "neuron-merging": "Neuron Merging", "intra-fusion": "Intra-Fusion"}
+# methods that do not depend on the clustering seed: one run per (model, protocol, ratio)
+SEED_FREE = {"sp-l1", "sp-l2", "sp-l1-r", "sp-l2-r", "ifm", "inn", "neuron-merging",
+             "intra-fusion"}
 FIELDS = ["model", "width", "protocol", "method", "ratio", "seed", "params", "sparsity", "macs",
           "accuracy", "fold_s", "latency_ratio"]
 
@@ -87,10 +91,18 @@ def _prune(p: int, reset: bool) -> Callable[..., nn.Module]:
     return run
 
 
+def _merge(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def run(model, example, ratio, seed, calibration, module_ratios, cfg):
+        return fn(model, example, ratio=ratio, module_ratios=module_ratios)
+    return run
+
+
 METHODS: dict[str, Callable[..., nn.Module]] = {
     "fold-naive": _fold("none"), "fold-r": _fold("data"), "fold-ar": _fold("approx"),
     "fold-dir": _fold("deep_inversion"), "sp-l1": _prune(1, False), "sp-l2": _prune(2, False),
-    "sp-l1-r": _prune(1, True), "sp-l2-r": _prune(2, True),
+    "sp-l1-r": _prune(1, True), "sp-l2-r": _prune(2, True), "ifm": _merge(ifm),
+    "inn": _merge(inn), "neuron-merging": _merge(neuron_merging),
+    "intra-fusion": _merge(intra_fusion),
 }
 PROTOCOLS = ("whole", "last-two-blocks")
 
@@ -145,6 +157,10 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, name: str = "sweep",
     csv_path = out_dir / f"{name}.csv"
     rows = read_rows(csv_path)
     done = {_key(r) for r in rows}
+    # cells of equal size (same groups, same k) run at the same speed: a resumed sweep reuses
+    # the latency measured for the architecture instead of timing it again under other load
+    measured_latency = {(r["model"], str(r["width"]), str(r["params"]), str(r["macs"])):
+                        float(r["latency_ratio"]) for r in rows if r["method"] != "dense"}
     test = load_fashion_mnist("test")
     if cfg.test_samples is not None:
         test = torch.utils.data.TensorDataset(test.tensors[0][: cfg.test_samples],
@@ -168,8 +184,8 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, name: str = "sweep",
                                "method": method, "ratio": ratio, "seed": seed}
                         if _key(row) in done:
                             continue
-                        if method.startswith("sp-") and seed != cfg.seeds[0]:
-                            continue  # pruning does not depend on the clustering seed
+                        if method in SEED_FREE and seed != cfg.seeds[0]:
+                            continue  # does not depend on the clustering seed
                         if dense is None:
                             dense = _dense_row(spec, model, test, example, cfg,
                                                evaluate_accuracy)
@@ -184,14 +200,16 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, name: str = "sweep",
                         folded = _channels_last(folded)
                         params = sum(p.numel() for p in folded.parameters())
                         shapes = tuple(tuple(p.shape) for p in folded.parameters())
-                        if shapes not in latencies:
+                        macs = count_macs(folded, example)
+                        measured = measured_latency.get((spec.name, str(spec.width), str(params),
+                                                         str(macs)))
+                        if measured is None and shapes not in latencies:
                             latencies[shapes] = median_latency(
-                                folded, dense["batch"], runs=cfg.latency_runs)
+                                folded, dense["batch"], runs=cfg.latency_runs) / dense["latency"]
                         row.update(
-                            params=params, sparsity=1 - params / dense["params"],
-                            macs=count_macs(folded, example),
+                            params=params, sparsity=1 - params / dense["params"], macs=macs,
                             accuracy=evaluate_accuracy(folded, test), fold_s=fold_s,
-                            latency_ratio=latencies[shapes] / dense["latency"])
+                            latency_ratio=measured or latencies[shapes])
                         rows.append(row)
                         done.add(_key(row))
                         write_rows(csv_path, rows)
@@ -286,7 +304,9 @@ def plot_rows(rows: list[dict], stem: Path) -> list[Path]:
                 ax.errorbar([100 * r["sparsity"] for r in pts],
                             [100 * r["accuracy"] for r in pts],
                             yerr=[100 * r["accuracy_std"] for r in pts], marker="o",
-                            markersize=4, capsize=2, label=label)
+                            markersize=4, capsize=2, label=label,
+                            ls="-" if method.startswith("fold") else
+                            ":" if method.startswith("sp-") else "--")
         dense = [r for r in agg if (r["model"], r["width"], r["method"]) ==
                  (model, width, "dense")]
         if dense:
@@ -310,14 +330,15 @@ def plot_rows(rows: list[dict], stem: Path) -> list[Path]:
 PRESETS: dict[str, SweepConfig] = {
     "quick": SweepConfig(
         models=[ModelSpec("vgg11_bn", 8, 1)],
-        methods=["fold-naive", "fold-r", "fold-ar", "fold-dir", "sp-l1", "sp-l2"],
+        methods=["fold-naive", "fold-r", "fold-ar", "fold-dir", "sp-l1", "sp-l2", "ifm", "inn",
+                 "neuron-merging", "intra-fusion"],
         ratios=[0.3, 0.5], test_samples=1000, latency_batch=64, latency_runs=2,
         deep_inversion=asdict(DeepInversionConfig(num_images=32, steps=30, lr=0.05,
                                                   batch_size=32))),
     "paper-cnn": SweepConfig(
         models=[ModelSpec("resnet18", 32, 2), ModelSpec("vgg11_bn", 32, 5)],
         methods=["fold-naive", "fold-r", "fold-ar", "fold-dir", "sp-l1", "sp-l2",
-                 "sp-l1-r", "sp-l2-r"],
+                 "sp-l1-r", "sp-l2-r", "ifm", "inn", "neuron-merging", "intra-fusion"],
         ratios=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], seeds=[0, 1, 2],
         protocols=["whole", "last-two-blocks"], test_samples=5000, latency_runs=5),
 }
