@@ -1,8 +1,8 @@
 """The CNN benchmark of the paper on Fashion-MNIST: `python benchmarks/cnn_sweep.py [preset]`.
 
 Presets live in `modelfold.eval.sweep.PRESETS` ("paper-cnn": ResNet18 and VGG11-BN at width 32,
-8 methods, ratios 0.1-0.7, 3 seeds, both protocols, first 5,000 test images - 51 min on 2 CPU
-cores with cached checkpoints; "quick"). Results go to benchmarks/results/ (CSV, markdown, one
+12 methods, ratios 0.1-0.7, 3 seeds, both protocols, first 5,000 test images - about 75 min on 2
+CPU cores with cached checkpoints; "quick"). Results go to benchmarks/results/ (CSV, markdown, one
 PNG per panel); a rerun resumes.
 """
 

@@ -7,8 +7,10 @@ import torch
 
 from modelfold.cluster import kmeans, ward
 from modelfold.cluster.kmeans import canonical_labels
+from modelfold.merge.apply import ChannelMap
 from modelfold.merge.handlers import _bn_stats
 from modelfold.merge.layout import SlotLayout
+from modelfold.merge.plan import GroupPlan
 
 
 def blobs(k: int = 5, per: int = 20, d: int = 8, seed: int = 0):
@@ -69,13 +71,13 @@ def test_layout_mean_and_sum_with_flatten_expansion():
     # 3 channels, each spanning 2 positions (as after flattening a 2-pixel map)
     layout = SlotLayout.build([0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 2, 2], 3, "fc")
     w = torch.arange(12.0).reshape(2, 6)  # consumer: columns are positions
-    labels, reps = torch.tensor([0, 1, 0]), torch.tensor([0, 1])
-    summed = layout.fold(w, 1, labels, reps, "sum")
+    cmap = ChannelMap.from_labels(GroupPlan("fc", "channels", 3, 2, [0, 1, 0]))
+    summed = layout.mix(w, 1, cmap.consumer, cmap.keep)
     assert torch.equal(summed[:, 0], w[:, 0] + w[:, 4])
     assert torch.equal(summed[:, 1], w[:, 1] + w[:, 5])
     assert torch.equal(summed[:, 2:4], w[:, 2:4])
     rows = torch.arange(6.0)
-    meaned = layout.fold(rows, 0, labels, reps, "mean")
+    meaned = layout.mix(rows, 0, cmap.producer, cmap.keep)
     assert meaned[:2].tolist() == [2.0, 3.0]
 
 
@@ -84,8 +86,8 @@ def test_bn_statistics_follow_the_inverse_std_rule():
     bn.running_mean.copy_(torch.tensor([1.0, 3.0]))
     bn.running_var.copy_(torch.tensor([4.0, 16.0]))
     layout = SlotLayout.build([0, 1], [0, 1], 2, "bn")
-    labels, reps = torch.tensor([0, 0]), torch.tensor([0])
-    _bn_stats(bn, lambda t, axis, red: layout.fold(t, axis, labels, reps, red))
+    cmap = ChannelMap.from_labels(GroupPlan("bn", "channels", 2, 1, [0, 0]))
+    _bn_stats(bn, lambda t, axis, red: layout.mix(t, axis, cmap.matrix(red), cmap.keep))
     std = torch.tensor([4.0, 16.0]).add(1e-5).sqrt()
     inv = (1 / std).mean()
     assert torch.allclose(bn.running_var[0], 1 / inv**2 - 1e-5)

@@ -209,3 +209,13 @@ def test_bad_inputs_are_named():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(mf.FoldError, match="NaN"):
         mf.fold(model, ratio=0.2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("parts", [("mlp",), ("mlp", "attention")])
+def test_cuda_llm_fold_matches_cpu(parts):
+    model = tiny("llama")
+    cpu = mf.fold(model, ratio=0.4, parts=parts)
+    gpu = mf.fold(model.cuda(), ratio=0.4, parts=parts)
+    assert next(gpu.parameters()).device.type == "cuda"
+    assert (logits(gpu, IDS.cuda()).cpu() - logits(cpu)).abs().max() <= 1e-3

@@ -238,3 +238,27 @@ def test_module_ratios_and_deterministic(method, example):
                                                           0.5)
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_save_load_round_trip(method, example, tmp_path):
+    from modelfold.zoo import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", width=8).eval()  # remembers its factory
+    out = METHODS[method](model, example, ratio=0.4)
+    mf.save(out, tmp_path / "m")
+    again = mf.load(tmp_path / "m")
+    assert torch.equal(again(example), out.eval()(example))
+    assert mf.summary(None, again).params_after == n_params(out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_matches_cpu(method, example):
+    model = make_model("resnet18")
+    cpu = METHODS[method](model, example, ratio=0.5)
+    gpu = METHODS[method](copy.deepcopy(model).cuda(), example.cuda(), ratio=0.5)
+    assert next(gpu.parameters()).device.type == "cuda"
+    with torch.no_grad():
+        assert (gpu(example.cuda()).cpu() - cpu(example)).abs().max() <= 1e-3

@@ -62,14 +62,14 @@ def group_blocks(group: ChannelGroup) -> Blocks:
     if group.kind == "heads":
         module = group.slots[0].module
         for tensor, axis, reduce in find_attention_handler(module).head_blocks(module):
-            block = head_block(tensor, axis, group.n).double()
+            block = head_block(tensor, axis, group.n).double().cpu()
             (prod_w if reduce == "mean" else cons).append(block)
     else:
         for slot in group.slots:
             handler = find_layer_handler(slot.module, slot.name)
             layout = SlotLayout.build(slot.idxs, slot.root_idxs, group.n, slot.name)
             for tensor, axis in handler.tensors(slot.module, slot.role):
-                block = layout.gather(tensor, axis).double()
+                block = layout.gather(tensor, axis).double().cpu()
                 if slot.role == "consumer":
                     cons.append(block)
                 elif tensor.ndim >= 2:

@@ -295,8 +295,8 @@ def plot_rows(rows: list[dict], stem: Path) -> list[Path]:
     panels = sorted({(r["model"], r["width"], r["protocol"]) for r in agg
                      if r["method"] != "dense"})
     for model, width, protocol in panels:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for method, label in LABELS.items():
+        fig, ax = plt.subplots(figsize=(8.0, 4.4))
+        for index, (method, label) in enumerate(LABELS.items()):
             pts = sorted((r for r in agg if (r["model"], r["width"], r["protocol"],
                                               r["method"]) == (model, width, protocol, method)),
                          key=lambda r: r["sparsity"])
@@ -304,7 +304,7 @@ def plot_rows(rows: list[dict], stem: Path) -> list[Path]:
                 ax.errorbar([100 * r["sparsity"] for r in pts],
                             [100 * r["accuracy"] for r in pts],
                             yerr=[100 * r["accuracy_std"] for r in pts], marker="o",
-                            markersize=4, capsize=2, label=label,
+                            markersize=4, capsize=2, label=label, color=plt.cm.tab20(index),
                             ls="-" if method.startswith("fold") else
                             ":" if method.startswith("sp-") else "--")
         dense = [r for r in agg if (r["model"], r["width"], r["method"]) ==
@@ -315,7 +315,7 @@ def plot_rows(rows: list[dict], stem: Path) -> list[Path]:
         ax.set_xlabel("parameter sparsity (%)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{model} (width {width}), Fashion-MNIST, {protocol}, no fine-tuning")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = Path(f"{stem}_{model}-w{width}_{protocol}.png")
