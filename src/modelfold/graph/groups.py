@@ -202,6 +202,7 @@ def discover_groups(
         outputs.append(out)
         return out
 
+    calls = _CallCounter(model)
     try:
         with torch.enable_grad():
             graph.build_dependency(
@@ -215,6 +216,9 @@ def discover_groups(
             f"could not trace the model on `example_inputs` ({type(exc).__name__}: {exc}). "
             "Check that `example_inputs` fit the model's forward()."
         ) from exc
+    finally:
+        calls.remove()
+    calls.check(names, ignored_ids)
 
     root_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *customized)
     handled = [m for m in model.modules() if find_attention_handler(m) is not None]
@@ -261,6 +265,50 @@ def discover_groups(
             group.ignored_by = name
         groups.append(group)
     return GroupDiscovery(graph=graph, groups=groups, module_names=names)
+
+
+class _CallCounter:
+    """Counts the calls of every module that owns parameters during the trace.
+
+    A module that never runs (a branch the example inputs did not take, data-dependent control
+    flow) is invisible to the dependency graph, so folding would leave it with stale sizes; a
+    module that runs more than once (reused) couples its channels in ways a single merge cannot
+    represent. Both are refused unless the module is in `ignored`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.counts: dict[int, int] = {}
+        self.modules = [m for m in model.modules() if m is not model
+                        and next(m.parameters(recurse=False), None) is not None]
+        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+
+    def _hook(self, module: nn.Module, *_: Any) -> None:
+        self.counts[id(module)] = self.counts.get(id(module), 0) + 1
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def check(self, names: dict[int, str], ignored_ids: set[int]) -> None:
+        # Torch-Pruning runs the forward pass once while tracing
+        unused = [names[id(m)] for m in self.modules
+                  if id(m) not in ignored_ids and self.counts.get(id(m), 0) == 0]
+        if unused:
+            raise FoldError(
+                f"modules {unused[:5]} did not run on `example_inputs` (data-dependent control "
+                "flow, or unused modules), so the graph cannot see which channels they share. "
+                "Give example inputs that run every branch, or, if these modules are never "
+                f"used, pass them in `ignored=` (e.g. `ignored=[model.{unused[0]}]`)."
+            )
+        reused = [(names[id(m)], self.counts[id(m)]) for m in self.modules
+                  if id(m) not in ignored_ids and self.counts.get(id(m), 0) > 1]
+        if reused:
+            name, times = reused[0]
+            raise FoldError(
+                f"module {name!r} runs {times} times in one forward pass; a reused module's "
+                "channels are coupled across its uses, which one merge cannot represent. Pass "
+                f"`ignored=[model.{name}]` to leave its channel groups unfolded."
+            )
 
 
 def _check_tied(group: ChannelGroup, shared: dict[int, list[str]]) -> None:
