@@ -338,3 +338,12 @@ def test_same_seed_same_weights_different_seed_may_differ():
     a, b = (mf.fold(model, X, ratio=0.5, seed=3) for _ in range(2))
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
+
+
+def test_frozen_models_fold_like_trainable_ones():
+    model = make_model("resnet18")
+    frozen = make_model("resnet18").requires_grad_(False)
+    a, b = mf.fold(model, X, ratio=0.5), mf.fold(frozen, X, ratio=0.5)
+    assert sum(p.numel() for p in b.parameters()) == sum(p.numel() for p in a.parameters())
+    assert torch.equal(a(X), b(X))
+    assert not any(p.requires_grad for p in frozen.parameters())  # restored

@@ -22,12 +22,12 @@ drawn), each with `derandomize=True` (the same examples on every run, no example
   d. the input model is untouched (even when fold fails)      - 4 x 10 = 40, all specs
   e. save -> load is exact (ratio 0.1-0.9)                    - 4 x 10 = 40, supported specs
   f. the same seed gives the same folded weights (0.1-0.9)    - 4 x 10 = 40, supported specs
-300 generated examples in all (~7 s on 2 busy CPU cores), plus one strict xfail pinning a
-known modelfold bug. Ratios are drawn from [0, 0.9] unless stated.
+300 generated examples in all (~7 s on 2 busy CPU cores), plus the regression test of the bug
+these properties found (a depthwise conv on the network input). Ratios are drawn from [0, 0.9]
+unless stated.
 
-"Supported" specs leave out what modelfold documents as unsupported (grouped convs,
-nn.MultiheadAttention) and a depthwise conv applied to the raw input (a modelfold bug, see
-`test_known_bug_depthwise_conv_on_the_input`).
+"Supported" specs leave out what modelfold documents as left unfolded or refused (grouped convs,
+nn.MultiheadAttention).
 """
 
 from __future__ import annotations
@@ -91,10 +91,6 @@ def cnn_specs(draw, supported: bool) -> dict[str, Any]:
         "pool": st.sampled_from(["none", "max", "avg"]),
     })
     layers = draw(st.lists(layer, min_size=1, max_size=3))
-    if supported and layers[0]["conv"] == "depthwise":
-        # KNOWN MODELFOLD BUG: a depthwise conv on the 3 input channels makes fold raise
-        # FoldError for any ratio >= 1/6 (see test_known_bug_depthwise_conv_on_the_input).
-        layers[0] = {**layers[0], "conv": "full"}
     return {"family": "cnn", "seed": draw(seeds), "layers": layers,
             "head": draw(st.sampled_from(["flatten", "gap"]))}
 
@@ -259,16 +255,15 @@ def test_f_same_seed_gives_the_same_folded_weights(family, data, ratio):
 
 
 # ---------------------------------------------------------------------------------------------
-# known bugs found by the properties above (strict: these start passing when the bug is fixed)
+# regression: found by the properties above (a depthwise conv on the network input once had its
+# group folded, although its channels are the input's)
 
-@pytest.mark.xfail(strict=True, raises=mf.FoldError, reason=(
-    "modelfold bug: a depthwise conv on the network input couples its output channels to the "
-    "input channels, yet its group is folded (README: input channels are never folded); the "
-    "post-fold check then raises FoldError blaming 'an op the dependency graph cannot see'."))
-def test_known_bug_depthwise_conv_on_the_input():
+def test_depthwise_conv_on_the_input_is_left_unfolded():
     spec = {"family": "cnn", "seed": 0, "head": "gap", "layers": [
         {"channels": 4, "kernel": 1, "conv": "depthwise", "bn": False, "act": "relu",
          "pool": "none"}]}
     model, x = build_model(**spec), example_inputs(spec)
     folded = mf.fold(model, x, ratio=0.5)
     assert run(folded, x).shape == run(model, x).shape
+    statuses = {g.status for g in mf.summary(model, folded, x).groups}
+    assert "unsafe" in statuses and "folded" in statuses

@@ -214,6 +214,11 @@ def sweep(
     ratios: Annotated[str | None, typer.Option(help="Comma-separated ratios.")] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma-separated clustering seeds.")]
     = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS",
+        help="Run the cells as Ray tasks: 'local' starts a local Ray instance (one CPU per "
+             "core), anything else is a cluster address (e.g. auto, ray://head:10001). "
+             "Needs pip install 'modelfold[ray]'.")] = None,
 ) -> None:
     """Models x methods x ratios x seeds on Fashion-MNIST -> CSV, table, plots (resumable)."""
     import dataclasses
@@ -233,7 +238,7 @@ def sweep(
         except ValueError:
             _fail("--ratios and --seeds take comma-separated numbers.")
         run_sweep(cfg, out, name or f"sweep_{preset.replace('-', '_')}",
-                  log=lambda line: console.print(line))
+                  log=lambda line: console.print(line), ray=ray)
         console.print(f"[green]wrote[/] {out}")
     except (FoldError, FileNotFoundError) as exc:
         _fail(str(exc))

@@ -8,10 +8,30 @@ Speed (a full CNN benchmark must fit one hour on 2 CPU cores): models are evalua
 channels-last memory format (oneDNN's fast path on CPU, ~15% faster here; dense and compressed
 alike, so latency ratios stay fair), and latency is measured once per architecture - every
 seed and every method at one ratio yields the same layer shapes, hence the same latency.
+
+Distributed (`run_sweep(..., ray="local" | ADDRESS)`, `modelfold sweep --ray local|ADDRESS`):
+every cell (model x protocol x method x ratio x seed) is one Ray task running `run_cell`, a pure
+function of (model spec, protocol, method, ratio, seed, config). "local" starts a local Ray
+instance with one CPU per core (and passes the driver's `MODELFOLD_*` environment variables to
+the workers: checkpoint, cache and data folders); any other value is a cluster address given to
+`ray.init(address=...)` (e.g. "auto", "ray://head:10001"), whose nodes need modelfold installed,
+the Fashion-MNIST files and, to avoid training there, the checkpoints in their cache (e.g. a
+shared `MODELFOLD_CACHE`). The driver makes sure every checkpoint exists before it submits a
+task (training it if needed), so workers only load them. Each worker process loads the data,
+models and dense reference once and keeps them (`_WORKER`). The driver keeps at most two tasks
+per cluster CPU in flight, collects them with `ray.wait` as they finish and rewrites the CSV
+(atomically) after each, so a resumed Ray sweep, like a serial one, skips the cells already there.
+Latency under Ray: each worker measures the dense model's latency itself (once per model) and
+times compressed models against it in the same process, with the thread count Ray gives a
+1-CPU task (1 thread), while other cells run on the other cores; a size already measured (in
+the CSV, or by a finished task of this run) is reused, as in the serial sweep. Accuracies do
+not depend on where a cell runs; fold times and latency ratios reflect the worker's share of the
+machine. The dense row comes from the first finished task of each model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import os
@@ -146,10 +166,13 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def run_sweep(cfg: SweepConfig, out_dir: Path, name: str = "sweep",
-              log: Callable[[str], None] = print) -> list[dict]:
-    from modelfold.data import load_fashion_mnist
-    from modelfold.zoo.train import evaluate_accuracy, pretrained_fashion_mnist
+              log: Callable[[str], None] = print, ray: str | None = None) -> list[dict]:
+    """Run (or resume) the sweep `cfg`; rows go to `out_dir/<name>.csv` as cells finish.
 
+    `ray`: None runs the cells here, one after another; "local" runs them as tasks on a local
+    Ray instance (started here, one CPU per core, shut down at the end); any other value is the
+    address of a Ray cluster to run them on (see the module docstring).
+    """
     for method in cfg.methods:
         if method not in METHODS:
             raise FoldError(f"unknown method {method!r}; known: {sorted(METHODS)}.")
@@ -161,6 +184,45 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, name: str = "sweep",
     # the latency measured for the architecture instead of timing it again under other load
     measured_latency = {(r["model"], str(r["width"]), str(r["params"]), str(r["macs"])):
                         float(r["latency_ratio"]) for r in rows if r["method"] != "dense"}
+    if ray is None:
+        _run_serial(cfg, rows, done, measured_latency, csv_path, log)
+    else:
+        _run_ray(ray, cfg, rows, done, measured_latency, csv_path, log)
+    write_rows(csv_path, rows)
+    (out_dir / f"{name}.md").write_text(markdown_table(rows))
+    plot_rows(rows, out_dir / name)
+    return rows
+
+
+def _spec_cells(spec: ModelSpec, cfg: SweepConfig):
+    """(protocol, ratio, seed, method) of every cell of `spec`, in the sweep's order."""
+    for protocol in cfg.protocols:
+        if protocol != "whole" and not spec.name.startswith("resnet"):
+            continue
+        for ratio in cfg.ratios:
+            for seed in cfg.seeds:
+                for method in cfg.methods:
+                    if method in SEED_FREE and seed != cfg.seeds[0]:
+                        continue  # does not depend on the clustering seed
+                    yield protocol, ratio, seed, method
+
+
+def _cell_row(spec: ModelSpec, protocol: str, method: str, ratio: float, seed: int) -> dict:
+    return {"model": spec.name, "width": spec.width, "protocol": protocol, "method": method,
+            "ratio": ratio, "seed": seed}
+
+
+def _log_line(spec: ModelSpec, row: dict) -> str:
+    return (f"{spec.label} {row['protocol']} {row['method']} r={row['ratio']:.2f} "
+            f"seed={row['seed']}: acc {row['accuracy']:.2%}, sparsity {row['sparsity']:.1%}, "
+            f"{row['fold_s']:.2f} s")
+
+
+def _load_data(cfg: SweepConfig) -> tuple[torch.utils.data.TensorDataset, torch.Tensor,
+                                          torch.Tensor]:
+    """(test set in channels-last, calibration images, one example input) of a sweep."""
+    from modelfold.data import load_fashion_mnist
+
     test = load_fashion_mnist("test")
     if cfg.test_samples is not None:
         test = torch.utils.data.TensorDataset(test.tensors[0][: cfg.test_samples],
@@ -169,57 +231,166 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, name: str = "sweep",
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     calibration = train.tensors[0][pick[: cfg.calibration_samples]]
     test = torch.utils.data.TensorDataset(_channels_last(test.tensors[0]), test.tensors[1])
-    example = test.tensors[0][:1]
+    return test, calibration, test.tensors[0][:1]
+
+
+def _compress_cell(spec: ModelSpec, model: nn.Module, data: tuple, protocol: str, method: str,
+                   ratio: float, seed: int, cfg: SweepConfig, dense: dict,
+                   latencies: dict[tuple, float], measured_latency: dict[tuple, float]) -> dict:
+    """One cell's row: compress `model` with METHODS[method], measure it against `dense`.
+
+    `latencies` (layer shapes -> latency ratio) caches timings made in this process;
+    `measured_latency` ((model, width, params, macs) -> ratio) holds earlier measurements.
+    """
+    from modelfold.zoo.train import evaluate_accuracy
+
+    test, calibration, example = data
+    row = _cell_row(spec, protocol, method, ratio, seed)
+    g_ratio, m_ratios = protocol_ratios(model, protocol, ratio)
+    start = time.perf_counter()
+    folded = METHODS[method](model, example, g_ratio, seed, calibration, m_ratios, cfg)
+    fold_s = time.perf_counter() - start
+    folded = _channels_last(folded)
+    params = sum(p.numel() for p in folded.parameters())
+    shapes = tuple(tuple(p.shape) for p in folded.parameters())
+    macs = count_macs(folded, example)
+    measured = measured_latency.get((spec.name, str(spec.width), str(params), str(macs)))
+    if measured is None and shapes not in latencies:
+        latencies[shapes] = median_latency(
+            folded, dense["batch"], runs=cfg.latency_runs) / dense["latency"]
+    row.update(
+        params=params, sparsity=1 - params / dense["params"], macs=macs,
+        accuracy=evaluate_accuracy(folded, test), fold_s=fold_s,
+        latency_ratio=measured or latencies[shapes])
+    return row
+
+
+def _run_serial(cfg: SweepConfig, rows: list[dict], done: set, measured_latency: dict,
+                csv_path: Path, log: Callable[[str], None]) -> None:
+    from modelfold.zoo.train import evaluate_accuracy, pretrained_fashion_mnist
+
+    data = _load_data(cfg)
+    test, _, example = data
     for spec in cfg.models:
         model = pretrained_fashion_mnist(spec.name, width=spec.width, epochs=spec.epochs)
         dense = None
         latencies: dict[tuple, float] = {}
-        for protocol in cfg.protocols:
-            if protocol != "whole" and not spec.name.startswith("resnet"):
+        for protocol, ratio, seed, method in _spec_cells(spec, cfg):
+            if _key(_cell_row(spec, protocol, method, ratio, seed)) in done:
                 continue
-            for ratio in cfg.ratios:
-                for seed in cfg.seeds:
-                    for method in cfg.methods:
-                        row = {"model": spec.name, "width": spec.width, "protocol": protocol,
-                               "method": method, "ratio": ratio, "seed": seed}
-                        if _key(row) in done:
-                            continue
-                        if method in SEED_FREE and seed != cfg.seeds[0]:
-                            continue  # does not depend on the clustering seed
-                        if dense is None:
-                            dense = _dense_row(spec, model, test, example, cfg,
-                                               evaluate_accuracy)
-                            if _key(dense["row"]) not in done:
-                                rows.append(dense["row"])
-                                done.add(_key(dense["row"]))
-                        g_ratio, m_ratios = protocol_ratios(model, protocol, ratio)
-                        start = time.perf_counter()
-                        folded = METHODS[method](model, example, g_ratio, seed, calibration,
-                                                 m_ratios, cfg)
-                        fold_s = time.perf_counter() - start
-                        folded = _channels_last(folded)
-                        params = sum(p.numel() for p in folded.parameters())
-                        shapes = tuple(tuple(p.shape) for p in folded.parameters())
-                        macs = count_macs(folded, example)
-                        measured = measured_latency.get((spec.name, str(spec.width), str(params),
-                                                         str(macs)))
-                        if measured is None and shapes not in latencies:
-                            latencies[shapes] = median_latency(
-                                folded, dense["batch"], runs=cfg.latency_runs) / dense["latency"]
-                        row.update(
-                            params=params, sparsity=1 - params / dense["params"], macs=macs,
-                            accuracy=evaluate_accuracy(folded, test), fold_s=fold_s,
-                            latency_ratio=measured or latencies[shapes])
-                        rows.append(row)
-                        done.add(_key(row))
-                        write_rows(csv_path, rows)
-                        log(f"{spec.label} {protocol} {method} r={ratio:.2f} seed={seed}: "
-                            f"acc {row['accuracy']:.2%}, sparsity {row['sparsity']:.1%}, "
-                            f"{fold_s:.2f} s")
-    write_rows(csv_path, rows)
-    (out_dir / f"{name}.md").write_text(markdown_table(rows))
-    plot_rows(rows, out_dir / name)
-    return rows
+            if dense is None:
+                dense = _dense_row(spec, model, test, example, cfg, evaluate_accuracy)
+                if _key(dense["row"]) not in done:
+                    rows.append(dense["row"])
+                    done.add(_key(dense["row"]))
+            row = _compress_cell(spec, model, data, protocol, method, ratio, seed, cfg, dense,
+                                 latencies, measured_latency)
+            rows.append(row)
+            done.add(_key(row))
+            write_rows(csv_path, rows)
+            log(_log_line(spec, row))
+
+
+# per-process cache of a Ray worker (data, models, dense references, latencies), so a worker
+# that runs many cells loads each only once; keyed by everything that determines the value
+_WORKER: dict[tuple, Any] = {}
+
+
+def run_cell(spec: ModelSpec, protocol: str, method: str, ratio: float, seed: int,
+             cfg: SweepConfig, measured_latency: dict[tuple, float] | None = None) -> dict:
+    """One sweep cell, computed in this process (the body of a Ray task).
+
+    Loads the cached checkpoint and Fashion-MNIST (once per process), measures the dense
+    reference (once per process and model) and returns {"row": the cell's CSV row, "dense":
+    the model's dense row}.
+    """
+    from modelfold.data.fashion_mnist import resolve_root
+    from modelfold.zoo.train import checkpoint_path, evaluate_accuracy, pretrained_fashion_mnist
+
+    ckpt = str(checkpoint_path(spec.name, width=spec.width, epochs=spec.epochs))
+    data_key = ("data", str(resolve_root()), cfg.test_samples, cfg.calibration_samples)
+    if data_key not in _WORKER:
+        _WORKER[data_key] = _load_data(cfg)
+    data = _WORKER[data_key]
+    if ("model", ckpt) not in _WORKER:
+        _WORKER["model", ckpt] = pretrained_fashion_mnist(
+            spec.name, width=spec.width, epochs=spec.epochs, progress=False)
+    model = _WORKER["model", ckpt]
+    timing = (ckpt, data_key, cfg.latency_batch, cfg.latency_runs)
+    if ("dense", *timing) not in _WORKER:
+        _WORKER["dense", *timing] = _dense_row(spec, model, data[0], data[2], cfg,
+                                              evaluate_accuracy)
+    dense = _WORKER["dense", *timing]
+    latencies = _WORKER.setdefault(("latencies", *timing), {})
+    row = _compress_cell(spec, model, data, protocol, method, ratio, seed, cfg, dense,
+                         latencies, measured_latency or {})
+    return {"row": row, "dense": dict(dense["row"])}
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise FoldError("a sweep with --ray needs Ray: pip install 'modelfold[ray]'.") from exc
+    return ray
+
+
+def _run_ray(address: str, cfg: SweepConfig, rows: list[dict], done: set,
+             measured_latency: dict, csv_path: Path, log: Callable[[str], None]) -> None:
+    from modelfold.zoo.train import pretrained_fashion_mnist
+
+    ray = _import_ray()
+    cells = [(spec, *cell) for spec in cfg.models for cell in _spec_cells(spec, cfg)
+             if _key(_cell_row(spec, *cell)) not in done]
+    if not cells:
+        return
+    for spec in {(s.name, s.width, s.epochs): s for s, *_ in cells}.values():
+        # train (or find) every checkpoint now: workers must never train concurrently
+        pretrained_fashion_mnist(spec.name, width=spec.width, epochs=spec.epochs)
+    started = not ray.is_initialized()
+    if started:
+        if address == "local":
+            env = {k: v for k, v in os.environ.items() if k.startswith("MODELFOLD_")}
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                     ignore_reinit_error=True, log_to_driver=False,
+                     runtime_env={"env_vars": env} if env else None)
+        else:
+            try:
+                ray.init(address=address)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise FoldError(f"cannot connect to the Ray cluster at {address!r} "
+                                f"({type(exc).__name__}: {exc}); use --ray local for a local "
+                                "instance.") from exc
+    pending: dict[Any, ModelSpec] = {}
+    try:
+        task = ray.remote(num_cpus=1)(run_cell)
+        in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        queue = list(reversed(cells))
+        while queue or pending:
+            while queue and len(pending) < in_flight:
+                spec, protocol, ratio, seed, method = queue.pop()
+                known = {k: v for k, v in measured_latency.items()
+                         if k[:2] == (spec.name, str(spec.width))}
+                ref = task.remote(spec, protocol, method, ratio, seed, cfg, known)
+                pending[ref] = spec
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            spec = pending.pop(ready)
+            result = ray.get(ready)
+            row = result["row"]
+            for new in (result["dense"], row):
+                if _key(new) not in done:
+                    rows.append(new)
+                    done.add(_key(new))
+            measured_latency.setdefault((spec.name, str(spec.width), str(row["params"]),
+                                         str(row["macs"])), float(row["latency_ratio"]))
+            write_rows(csv_path, rows)
+            log(_log_line(spec, row))
+    finally:
+        for ref in pending:  # only after an error or an interrupt: stop the other cells
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        if started:
+            ray.shutdown()
 
 
 def _channels_last(x):
@@ -360,5 +531,6 @@ __all__ = [
     "markdown_table",
     "plot_rows",
     "preset",
+    "run_cell",
     "run_sweep",
 ]

@@ -126,6 +126,23 @@ def _touches_output(graph: tp.DependencyGraph, tp_group, output_fns: set) -> boo
     return False
 
 
+# Layers fed by the network input that fold their *output* channels only; any other op there
+# (depthwise conv, BN, LayerNorm on the input) ties the group to the input channels.
+_INPUT_PRODUCERS = {tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.EMBED,
+                    tp.ops.OPTYPE.PARAMETER}
+
+
+def _touches_input(tp_group) -> bool:
+    for item in tp_group.items:
+        node = item.dep.target
+        if node.inputs or node.type in _DUMMY_OPS:
+            continue
+        fn = item.dep.handler
+        if node.type not in _INPUT_PRODUCERS or getattr(fn, "__name__", "") != "prune_out_channels":
+            return True
+    return False
+
+
 # Ops that mix channels (or heads) in ways a channel-wise mean/sum cannot reproduce. Torch-Pruning
 # treats unknown ops as element-wise, so a group that flows through one of them is refused.
 _MIXING_OPS = ("bmmbackward", "scaleddotproduct", "softmaxbackward", "baddbmmbackward",
@@ -203,6 +220,10 @@ def discover_groups(
         return out
 
     calls = _CallCounter(model)
+    # the trace follows autograd: frozen parameters would hide their layers from the graph
+    frozen = [t for t in model.parameters() if t.is_floating_point() and not t.requires_grad]
+    for t in frozen:
+        t.requires_grad_(True)
     try:
         with torch.enable_grad():
             graph.build_dependency(
@@ -218,6 +239,8 @@ def discover_groups(
         ) from exc
     finally:
         calls.remove()
+        for t in frozen:
+            t.requires_grad_(False)
     calls.check(names, ignored_ids)
 
     root_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *customized)
@@ -238,6 +261,8 @@ def discover_groups(
             if id(slot.module) in ignored_ids:
                 group.ignored_by = slot.name
                 break
+        if group.foldable and _touches_input(tp_group):
+            group.unsafe = "the group holds the network's input channels"
         if group.foldable:
             group.unsafe = _unsafe_reason(tp_group, slots, n, internal)
         if group.foldable:
@@ -278,7 +303,10 @@ class _CallCounter:
 
     def __init__(self, model: nn.Module) -> None:
         self.counts: dict[int, int] = {}
-        self.modules = [m for m in model.modules() if m is not model
+        # children whose weights their parent uses functionally (never through forward)
+        functional = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+                      for c in m.modules() if c is not m}
+        self.modules = [m for m in model.modules() if m is not model and id(m) not in functional
                         and next(m.parameters(recurse=False), None) is not None]
         self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
 

@@ -29,7 +29,7 @@ def is_hf_model(model: nn.Module) -> bool:
 
 
 def save_hf(model: nn.Module, path: Path, *, tokenizer: Any = None) -> Path:
-    from modelfold.io.folder import _sha256, _version, atomic_folder
+    from modelfold.io.folder import atomic_folder
     from modelfold.llm.architectures import architecture_of
     from modelfold.llm.fold import LLM_RECORD_ATTR, layer_shape
 
@@ -39,18 +39,25 @@ def save_hf(model: nn.Module, path: Path, *, tokenizer: Any = None) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        weights = sorted(p.name for p in tmp.glob("*.safetensors"))
-        manifest = {
-            "format": HF_FORMAT,
-            "format_version": HF_FORMAT_VERSION,
-            "modelfold_version": _version(),
-            "torch_version": torch.__version__,
-            "layers": shapes,
-            "weights_sha256": {name: _sha256(tmp / name) for name in weights},
-            "record": getattr(model, LLM_RECORD_ATTR, None),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        write_hf_manifest(tmp, shapes, getattr(model, LLM_RECORD_ATTR, None))
     return path
+
+
+def write_hf_manifest(folder: Path, shapes: list[dict], record: dict | None) -> None:
+    """modelfold.json beside the weights: per-layer shapes, record, SHA-256 of every shard."""
+    from modelfold.io.folder import _sha256, _version
+
+    weights = sorted(p.name for p in folder.glob("*.safetensors"))
+    manifest = {
+        "format": HF_FORMAT,
+        "format_version": HF_FORMAT_VERSION,
+        "modelfold_version": _version(),
+        "torch_version": torch.__version__,
+        "layers": shapes,
+        "weights_sha256": {name: _sha256(folder / name) for name in weights},
+        "record": record,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def load_hf(path: Path, manifest: dict[str, Any], *, device: str | torch.device | None = None

@@ -77,11 +77,7 @@ def fold_llm(
     if seed is not None:
         config = FoldConfig.from_dict({**config.to_dict(), "seed": seed})
 
-    def cluster(labels_for: torch.Tensor, k: int) -> torch.Tensor:
-        return kmeans(labels_for, k, n_init=config.n_init, max_iter=config.max_iter,
-                      tol=config.tol, seed=config.seed).labels
-
-    return transform_llm(model, folding_selector(cluster), ratio=ratio,
+    return transform_llm(model, fold_selector_from_config(config), ratio=ratio,
                          target_sparsity=target_sparsity, parts=parts, recipe=recipe,
                          tolerance=config.sparsity_tolerance, inplace=inplace, device=device,
                          method="fold", settings=config.to_dict())
@@ -104,14 +100,60 @@ def transform_llm(
     """Shrink the layers of `model` with `selector`, which maps (part, layer index, layer,
     architecture, kept count) to a (mean_map, sum_map) pair. Shared by folding and pruning."""
     arch = architecture_of(model)
-    parts = _check_parts(parts)
     check_parameters(model)
+    plan = plan_layers(model, arch, ratio=ratio, target_sparsity=target_sparsity, parts=parts,
+                       recipe=recipe, tolerance=tolerance)
+    shapes, new_shapes, predicted = plan.shapes, plan.new_shapes, plan.params_after
+
+    work = model if inplace else share_unchanged_copy(model)
+    work_layers = arch.layers(work)
+    with torch.no_grad():
+        for i, layer in enumerate(work_layers):
+            shrink_layer(arch, layer, i, selector, shapes[i], new_shapes[i], device)
+    _update_config(work, new_shapes)
+    params_after = count_parameters(work)
+    if params_after != predicted:
+        raise FoldError(f"{method}: {params_after} parameters left, {predicted} expected; the "
+                        "model's layers are not the LLaMA-family layout this handler assumes.")
+    setattr(work, LLM_RECORD_ATTR, plan.record(method, arch, settings))
+    return work
+
+
+@dataclass
+class LayerPlan:
+    """Per-layer ratios and shapes of one compression, from shapes alone (no weights)."""
+
+    parts: tuple[str, ...]
+    ratios: dict[str, dict[int, float]]
+    uniform: float  # the uniform ratio (0 for a recipe)
+    shapes: list[LayerShape]
+    new_shapes: list[LayerShape]
+    params_before: int
+    params_after: int
+
+    def record(self, method: str, arch: DecoderArchitecture, settings: dict | None) -> dict:
+        return {
+            "method": method, "architecture": arch.name, "parts": list(self.parts),
+            "ratios": {p: {str(i): r for i, r in v.items() if r} for p, v in self.ratios.items()},
+            "settings": settings or {}, "params_before": self.params_before,
+            "params_after": self.params_after, "ratio": self.uniform,
+            "layers_before": [s.__dict__ for s in self.shapes],
+            "layers": [s.__dict__ for s in self.new_shapes],
+        }
+
+
+def plan_layers(model: nn.Module, arch: DecoderArchitecture, *, ratio: float | None,
+                target_sparsity: float | None, parts: Iterable[str],
+                recipe: str | Mapping[str, Mapping[Any, float]] | None,
+                tolerance: float = 0.01) -> LayerPlan:
+    """Resolve exactly one of ratio / target_sparsity / recipe into per-layer shapes. Works on
+    a meta-device skeleton too (only shapes are read)."""
+    parts = _check_parts(parts)
     layers = arch.layers(model)
     shapes = [layer_shape(arch, layer) for layer in layers]
     given = [x is not None for x in (ratio, target_sparsity, recipe)]
     if sum(given) != 1:
         raise FoldError("give exactly one of `ratio`, `target_sparsity` or `recipe`.")
-    params_before = count_parameters(model)
     uniform = 0.0
     if recipe is not None:
         ratios = recipe_ratios(recipe, len(layers))
@@ -129,32 +171,19 @@ def transform_llm(
     new_shapes = [kept_shape(s, ratios.get("mlp", {}).get(i, 0.0),
                              ratios.get("attention", {}).get(i, 0.0))
                   for i, s in enumerate(shapes)]
-    predicted = predicted_parameter_count(model, arch, new_shapes)
+    return LayerPlan(parts, ratios, uniform, shapes, new_shapes, count_parameters(model),
+                     predicted_parameter_count(model, arch, new_shapes))
 
-    work = model if inplace else share_unchanged_copy(model)
-    work_layers = arch.layers(work)
-    with torch.no_grad():
-        for i, layer in enumerate(work_layers):
-            if new_shapes[i].intermediate_size != shapes[i].intermediate_size:
-                maps = selector("mlp", i, layer, arch, new_shapes[i].intermediate_size)
-                _rebuild_mlp(arch, layer, *maps, device)
-            if new_shapes[i].num_attention_heads != shapes[i].num_attention_heads:
-                maps = selector("attention", i, layer, arch, new_shapes[i].num_attention_heads)
-                _rebuild_attention(arch, layer, *maps, new_shapes[i], device)
-    _update_config(work, new_shapes)
-    params_after = count_parameters(work)
-    if params_after != predicted:
-        raise FoldError(f"{method}: {params_after} parameters left, {predicted} expected; the "
-                        "model's layers are not the LLaMA-family layout this handler assumes.")
-    setattr(work, LLM_RECORD_ATTR, {
-        "method": method, "architecture": arch.name, "parts": list(parts),
-        "ratios": {p: {str(i): r for i, r in v.items() if r} for p, v in ratios.items()},
-        "settings": settings or {}, "params_before": params_before, "params_after": params_after,
-        "ratio": uniform,
-        "layers_before": [s.__dict__ for s in shapes],
-        "layers": [s.__dict__ for s in new_shapes],
-    })
-    return work
+
+def shrink_layer(arch: DecoderArchitecture, layer: nn.Module, index: int, selector,
+                 old: LayerShape, new: LayerShape, device) -> None:
+    """Rebuild one decoder layer to `new` with the maps `selector` chooses."""
+    if new.intermediate_size != old.intermediate_size:
+        maps = selector("mlp", index, layer, arch, new.intermediate_size)
+        _rebuild_mlp(arch, layer, *maps, device)
+    if new.num_attention_heads != old.num_attention_heads:
+        maps = selector("attention", index, layer, arch, new.num_attention_heads)
+        _rebuild_attention(arch, layer, *maps, new, device)
 
 
 # ---------------------------------------------------------------- shapes and budgets
@@ -272,6 +301,16 @@ def selection_maps(keep: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     select = torch.zeros(keep.numel(), n, dtype=torch.float32, device=keep.device)
     select[torch.arange(keep.numel(), device=keep.device), keep] = 1.0
     return select, select
+
+
+def fold_selector_from_config(config: FoldConfig):
+    """The folding selector with the k-means settings of `config`."""
+
+    def cluster(features: torch.Tensor, k: int) -> torch.Tensor:
+        return kmeans(features, k, n_init=config.n_init, max_iter=config.max_iter,
+                      tol=config.tol, seed=config.seed).labels
+
+    return folding_selector(cluster)
 
 
 def folding_selector(cluster: Callable[[torch.Tensor, int], torch.Tensor]):
