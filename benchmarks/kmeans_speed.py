@@ -85,15 +85,19 @@ def run(problem: str, x: torch.Tensor, ratio: float, device: str, sklearn_max_n:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", default="small", choices=["small", "llama7b"])
+    parser.add_argument("--sizes", default="small", choices=["tiny", "small", "llama7b"])
+    parser.add_argument("--no-smollm2", action="store_true")
     parser.add_argument("--name", default=None)
     parser.add_argument("--sklearn-max-n", type=int, default=12000)
     args = parser.parse_args()
-    problems = smollm2_problems()
-    if args.sizes == "small":
+    problems = [] if args.no_smollm2 else smollm2_problems()
+    if args.sizes == "tiny":
+        problems += [("synthetic 512 x 256", synthetic(512, 256))]
+    elif args.sizes == "small":
         problems += [("synthetic 4096 x 4096", synthetic(4096, 4096))]
     else:
         problems += [("synthetic LLaMA-7B MLP 11008 x 12288", synthetic(11008, 12288))]
+    kmeans(synthetic(256, 64).to(args.device), 100, seed=0)  # warm-up (threads, CUDA context)
     rows = [run(name, x, ratio, args.device, args.sklearn_max_n)
             for name, x in problems for ratio in (0.2, 0.4)]
     name = args.name or f"kmeans_speed_{args.device}_{args.sizes}"

@@ -347,3 +347,10 @@ def test_frozen_models_fold_like_trainable_ones():
     assert sum(p.numel() for p in b.parameters()) == sum(p.numel() for p in a.parameters())
     assert torch.equal(a(X), b(X))
     assert not any(p.requires_grad for p in frozen.parameters())  # restored
+
+
+def test_batch_of_one_example_traces_once():
+    # Torch-Pruning's model(*x) would run a batch of one as an unbatched image first
+    model = lenet()
+    folded = mf.fold(model, X[:1], ratio=0.5)
+    assert folded(X).shape == model(X).shape

@@ -3,6 +3,8 @@ budgets, dtypes, non-mutation and Hugging Face round trips (tiny random configs)
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -215,7 +217,7 @@ def test_bad_inputs_are_named():
 @pytest.mark.parametrize("parts", [("mlp",), ("mlp", "attention")])
 def test_cuda_llm_fold_matches_cpu(parts):
     model = tiny("llama")
-    cpu = mf.fold(model, ratio=0.4, parts=parts)
-    gpu = mf.fold(model.cuda(), ratio=0.4, parts=parts)
+    cpu = mf.fold(model, ratio=0.4, parts=parts)  # shares unchanged tensors with `model`
+    gpu = mf.fold(copy.deepcopy(model).cuda(), ratio=0.4, parts=parts)
     assert next(gpu.parameters()).device.type == "cuda"
     assert (logits(gpu, IDS.cuda()).cpu() - logits(cpu)).abs().max() <= 1e-3

@@ -20,14 +20,18 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _vm_hwm_mb() -> float | None:
+def _status_mb(field: str) -> float | None:
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024  # kB
     except OSError:
         return None
     return None
+
+
+def _vm_hwm_mb() -> float | None:
+    return _status_mb("VmHWM")
 
 
 def _rusage_max_mb() -> float:
@@ -40,10 +44,12 @@ class PeakMemory:
 
     def __init__(self) -> None:
         self.rss_mb = float("nan")
+        self.start_rss_mb: float | None = None  # RSS when the step began (Linux)
         self.cuda_mb: float | None = None
         self.exact = False
 
     def __enter__(self) -> PeakMemory:
+        self.start_rss_mb = _status_mb("VmRSS")
         try:
             _CLEAR_REFS.write_text("5")
             self.exact = _vm_hwm_mb() is not None

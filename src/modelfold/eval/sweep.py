@@ -13,19 +13,20 @@ Distributed (`run_sweep(..., ray="local" | ADDRESS)`, `modelfold sweep --ray loc
 every cell (model x protocol x method x ratio x seed) is one Ray task running `run_cell`, a pure
 function of (model spec, protocol, method, ratio, seed, config). "local" starts a local Ray
 instance with one CPU per core (and passes the driver's `MODELFOLD_*` environment variables to
-the workers: checkpoint, cache and data folders); any other value is a cluster address given to
-`ray.init(address=...)` (e.g. "auto", "ray://head:10001"), whose nodes need modelfold installed,
-the Fashion-MNIST files and, to avoid training there, the checkpoints in their cache (e.g. a
-shared `MODELFOLD_CACHE`). The driver makes sure every checkpoint exists before it submits a
-task (training it if needed), so workers only load them. Each worker process loads the data,
-models and dense reference once and keeps them (`_WORKER`). The driver keeps at most two tasks
-per cluster CPU in flight, collects them with `ray.wait` as they finish and rewrites the CSV
-(atomically) after each, so a resumed Ray sweep, like a serial one, skips the cells already there.
-Latency under Ray: each worker measures the dense model's latency itself (once per model) and
-times compressed models against it in the same process, with the thread count Ray gives a
-1-CPU task (1 thread), while other cells run on the other cores; a size already measured (in
-the CSV, or by a finished task of this run) is reused, as in the serial sweep. Accuracies do
-not depend on where a cell runs; fold times and latency ratios reflect the worker's share of the
+the workers: checkpoint, cache and data folders; a Ray the caller initialised already is used as
+it is); any other value is a cluster address given to `ray.init(address=...)` (e.g. "auto",
+"ray://head:10001"), whose nodes need modelfold installed, the Fashion-MNIST files and, to avoid
+training there, the checkpoints in their cache (e.g. a shared `MODELFOLD_CACHE`). The driver
+makes sure every checkpoint exists before it submits a task (training it if needed), so workers
+only load them. Each worker process loads the data, models and dense reference once and keeps
+them (`_WORKER`). The driver keeps at most two tasks per cluster CPU in flight, collects them
+with `ray.wait` as they finish and rewrites the CSV (atomically) after each, so a resumed Ray
+sweep, like a serial one, skips the cells already there. Latency under Ray: each worker measures
+the dense model's latency itself (once per model) and times compressed models against it in the
+same process, with the thread count Ray gives a 1-CPU task (1 thread), while other cells run on
+the other cores; a size already measured (in the CSV, or by a finished task of this run) is
+reused, as in the serial sweep. Parameters, MACs and accuracies equal a serial sweep's run with
+one torch thread (tested); fold times and latency ratios reflect the worker's share of the
 machine. The dense row comes from the first finished task of each model.
 """
 
@@ -304,13 +305,16 @@ def run_cell(spec: ModelSpec, protocol: str, method: str, ratio: float, seed: in
     reference (once per process and model) and returns {"row": the cell's CSV row, "dense":
     the model's dense row}.
     """
-    from modelfold.data.fashion_mnist import resolve_root
+    from modelfold.data import fashion_mnist
     from modelfold.zoo.train import checkpoint_path, evaluate_accuracy, pretrained_fashion_mnist
 
     ckpt = str(checkpoint_path(spec.name, width=spec.width, epochs=spec.epochs))
-    data_key = ("data", str(resolve_root()), cfg.test_samples, cfg.calibration_samples)
+    data_key = ("data", str(fashion_mnist.resolve_root()), cfg.test_samples,
+                cfg.calibration_samples)
     if data_key not in _WORKER:
         _WORKER[data_key] = _load_data(cfg)
+        # keep only the copies the cells use, not the decoded splits (~0.9 GB per worker)
+        fashion_mnist._load_tensors.cache_clear()
     data = _WORKER[data_key]
     if ("model", ckpt) not in _WORKER:
         _WORKER["model", ckpt] = pretrained_fashion_mnist(
@@ -340,8 +344,9 @@ def _run_ray(address: str, cfg: SweepConfig, rows: list[dict], done: set,
     from modelfold.zoo.train import pretrained_fashion_mnist
 
     ray = _import_ray()
-    cells = [(spec, *cell) for spec in cfg.models for cell in _spec_cells(spec, cfg)
-             if _key(_cell_row(spec, *cell)) not in done]
+    cells = [(spec, protocol, ratio, seed, method) for spec in cfg.models
+             for protocol, ratio, seed, method in _spec_cells(spec, cfg)
+             if _key(_cell_row(spec, protocol, method, ratio, seed)) not in done]
     if not cells:
         return
     for spec in {(s.name, s.width, s.epochs): s for s, *_ in cells}.values():

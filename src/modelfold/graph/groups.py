@@ -353,9 +353,13 @@ def _check_tied(group: ChannelGroup, shared: dict[int, list[str]]) -> None:
 
 
 def _as_trace_inputs(example_inputs: Any) -> Any:
-    """Torch-Pruning calls model(*inputs) for sequences and model(**inputs) for dicts."""
+    """Torch-Pruning calls model(*inputs) for sequences and model(**inputs) for dicts.
+
+    A bare tensor is wrapped in a list: Torch-Pruning would first try model(*tensor), which
+    unpacks the batch (a batch of one then runs as an unbatched sample until it fails, and the
+    retry runs every module a second time)."""
     if isinstance(example_inputs, torch.Tensor):
-        return example_inputs
+        return [example_inputs]
     if isinstance(example_inputs, dict):
         return dict(example_inputs)
     if isinstance(example_inputs, Sequence):

@@ -1,0 +1,130 @@
+"""Bounded-memory folding of a big LLM from sharded safetensors: peak RSS vs model size.
+
+`python benchmarks/llm_streaming.py [--size 1.6b|tiny] [--device cpu|cuda] [--ratio 0.2]`
+
+Writes a synthetic LLaMA checkpoint (random bf16 weights, one shard per decoder layer, never
+the whole model in memory; "1.6b" = hidden 2048, MLP 8192, 24 layers, 16 query / 8 KV heads,
+vocab 32000: 1.64 B parameters, 3.3 GB), then folds its MLPs with
+`modelfold.llm.stream.fold_checkpoint` and reports fold wall time, the peak RSS of the fold
+(`modelfold.eval.resources.PeakMemory`: reset at the start, read at the end) and, on CUDA, the
+peak GPU allocation, next to the size of the checkpoint. With `--in-memory` it also loads the
+model and folds it with `modelfold.fold` for comparison. Results: benchmarks/results/<name>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = {
+    "1.6b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                 num_attention_heads=16, num_key_value_heads=8, vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4, vocab_size=1000),
+}
+
+
+def write_synthetic(folder: Path, size: str, seed: int = 0) -> int:
+    """A random LLaMA checkpoint written layer by layer; returns its parameter count."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**SIZES[size], max_position_embeddings=2048, tie_word_embeddings=False,
+                         dtype="bfloat16")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map, total, nbytes = {}, 0, 0
+    groups: dict[str, dict[str, torch.Size]] = {}
+    for name, p in skeleton.state_dict().items():
+        parts = name.split(".")
+        key = f"layer-{int(parts[2]):05d}" if parts[:2] == ["model", "layers"] else "rest"
+        groups.setdefault(key, {})[name] = p.shape
+    for key, shapes in groups.items():
+        tensors = {}
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                t = torch.ones(shape)
+            else:
+                t = torch.randn(shape, generator=gen) * 0.02
+            tensors[name] = t.to(torch.bfloat16)
+        shard = f"model-{key}.safetensors"
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+        total += sum(t.numel() for t in tensors.values())
+        nbytes += sum(t.numel() * 2 for t in tensors.values())
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": nbytes}, "weight_map": weight_map}))
+    config.save_pretrained(folder)
+    return total
+
+
+def main() -> None:
+    from modelfold.config import FoldConfig
+    from modelfold.eval.resources import PeakMemory
+    from modelfold.llm.stream import fold_checkpoint
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="1.6b", choices=sorted(SIZES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--n-init", type=int, default=1)
+    parser.add_argument("--in-memory", action="store_true")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--name", default=None)
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="mf-stream-"))
+    start = time.perf_counter()
+    params = write_synthetic(work / "src", args.size)
+    print(f"wrote {params / 1e9:.2f} B parameters in {time.perf_counter() - start:.0f} s",
+          flush=True)
+    disk = sum(f.stat().st_size for f in (work / "src").glob("*.safetensors"))
+    config = FoldConfig(ratio=args.ratio, n_init=args.n_init)
+    with PeakMemory() as peak:
+        start = time.perf_counter()
+        record = fold_checkpoint(work / "src", work / "out", config=config, device=args.device)
+        seconds = time.perf_counter() - start
+    rows = [("streamed (fold_checkpoint)", seconds, peak)]
+    print(f"streamed fold: {seconds:.0f} s, peak RSS {peak.rss_mb:.0f} MB, "
+          f"CUDA {peak.cuda_mb} MB", flush=True)
+    if args.in_memory:
+        from transformers import AutoModelForCausalLM
+
+        import modelfold as mf
+
+        with PeakMemory() as peak_mem:
+            start = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(work / "src", dtype=torch.bfloat16)
+            folded = mf.fold(model, config=config, device=args.device)
+            seconds_mem = time.perf_counter() - start
+            del model, folded
+        rows.append(("load + modelfold.fold (in memory)", seconds_mem, peak_mem))
+    lines = [f"Synthetic LLaMA ({args.size}: {params / 1e9:.2f} B parameters, bf16, "
+             f"{disk / 2**30:.2f} GiB on disk, {len(list((work / 'src').glob('*.safetensors')))}"
+             f" shards), MLP folded at ratio {args.ratio} (k-means, n_init {args.n_init}) on "
+             f"{args.device}; {record['params_after'] / 1e9:.2f} B parameters after.", "",
+             "| path | wall s | RSS before MiB | peak RSS MiB | peak RSS / checkpoint size "
+             "| peak CUDA MiB |", "|---|---|---|---|---|---|"]
+    for label, secs, pk in rows:
+        cuda = f"{pk.cuda_mb:.0f}" if pk.cuda_mb is not None else "-"
+        lines.append(f"| {label} | {secs:.0f} | {pk.start_rss_mb:.0f} | {pk.rss_mb:.0f} | "
+                     f"{pk.rss_mb * 2**20 / disk:.2f} | {cuda} |")
+    name = args.name or f"llm_streaming_{args.size}_{args.device}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.md"
+    out.with_suffix(".tmp").write_text("\n".join(lines) + "\n")
+    os.replace(out.with_suffix(".tmp"), out)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
