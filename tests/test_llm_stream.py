@@ -53,3 +53,15 @@ def test_streamed_fold_of_a_single_file_and_errors(tmp_path):
     with pytest.raises(FoldError, match="neither"):
         fold_checkpoint(tmp_path / "src", tmp_path / "y", ratio=0.3)
     assert not (tmp_path / "y").exists()
+
+
+def test_cli_stream_option(sharded, tmp_path):
+    from typer.testing import CliRunner
+
+    from modelfold.cli import app
+
+    model, src = sharded
+    result = CliRunner().invoke(app, ["fold-llm", str(src), "--out", str(tmp_path / "o"),
+                                      "--ratio", "0.3", "--stream"])
+    assert result.exit_code == 0, result.output
+    assert torch.equal(logits(mf.load(tmp_path / "o")), logits(mf.fold(model, ratio=0.3)))

@@ -280,24 +280,37 @@ def fold_llm_command(
         help="Preset name (llama-7b-paper) or JSON {part: {layer or 'a-b': ratio}}.")] = None,
     parts: Annotated[str, typer.Option(help="Comma-separated: mlp, attention.")] = "mlp",
     seed: Annotated[int | None, typer.Option(help="Clustering seed (default 0).")] = None,
+    stream: Annotated[bool, typer.Option(
+        help="Fold layer by layer from the safetensors shards (bounded memory).")] = False,
+    device: Annotated[str | None, typer.Option(help="Where to fold, e.g. cuda.")] = None,
 ) -> None:
     """Fold a LLaMA / Qwen2 / Mistral model and save it as a Hugging Face folder."""
     import modelfold as mf
 
-    model, tokenizer = load_llm(model_dir)
-    try:
-        plan = recipe
-        if recipe is not None and recipe.lstrip().startswith("{"):
-            try:
-                plan = json.loads(recipe)
-            except json.JSONDecodeError as exc:
-                _fail(f"--recipe is not valid JSON ({exc}).")
-        folded = mf.fold(model, ratio=ratio, target_sparsity=target_sparsity, recipe=plan,
-                         parts=[p.strip() for p in parts.split(",") if p.strip()], seed=seed)
-        mf.save(folded, out, tokenizer=tokenizer)
-    except FoldError as exc:
-        _fail(str(exc))
-    record = folded._modelfold_llm_record
+    plan = recipe
+    if recipe is not None and recipe.lstrip().startswith("{"):
+        try:
+            plan = json.loads(recipe)
+        except json.JSONDecodeError as exc:
+            _fail(f"--recipe is not valid JSON ({exc}).")
+    part_list = [p.strip() for p in parts.split(",") if p.strip()]
+    if stream:
+        from modelfold.llm.stream import fold_checkpoint
+
+        try:
+            record = fold_checkpoint(model_dir, out, ratio=ratio, target_sparsity=target_sparsity,
+                                     recipe=plan, parts=part_list, seed=seed, device=device)
+        except (FoldError, OSError) as exc:
+            _fail(str(exc))
+    else:
+        model, tokenizer = load_llm(model_dir)
+        try:
+            folded = mf.fold(model, ratio=ratio, target_sparsity=target_sparsity, recipe=plan,
+                             parts=part_list, seed=seed, device=device)
+            mf.save(folded, out, tokenizer=tokenizer)
+        except FoldError as exc:
+            _fail(str(exc))
+        record = folded._modelfold_llm_record
     console.print(f"parameters {record['params_before']:,} -> {record['params_after']:,} "
                   f"({1 - record['params_after'] / record['params_before']:.1%} removed)")
     console.print(f"[green]wrote[/] {out}")
