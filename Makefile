@@ -2,14 +2,15 @@
 #   make demo   train (or load cached) ResNet18 on Fashion-MNIST, fold it, print a table, plot
 #   make test   lint + the test suite
 #   make bench  the CNN benchmark (benchmarks/cnn_sweep.py paper-cnn; cached checkpoints)
-#   make bench-llm  SmolLM2-135M perplexity: folding vs magnitude vs Wanda-sp
+#   make bench-llm  SmolLM2-135M perplexity: folding vs magnitude vs Wanda-sp vs FLAP
+#   make bench-speed  k-means vs scikit-learn, inference speed, 1.6 B streaming fold (GPU: minutes; CPU: hours)
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.modelfold-installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install data lint clean bench bench-llm
+.PHONY: demo test install data lint clean bench bench-llm bench-speed
 
 install: $(STAMP)
 
@@ -46,6 +47,12 @@ bench: install data
 bench-llm: install
 	$(PY) -m pip install -q --no-deps exllamav2==0.3.2
 	$(PY) benchmarks/llm_perplexity.py
+
+bench-speed: install
+	$(PY) benchmarks/kmeans_speed.py
+	$(PY) benchmarks/inference_speed.py --what cnn
+	$(PY) benchmarks/inference_speed.py --what smollm2
+	$(PY) benchmarks/llm_streaming.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
