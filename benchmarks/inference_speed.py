@@ -4,11 +4,11 @@
 
 * cnn: CIFAR-style ResNet18 and VGG11-BN (width 32, 32x32 inputs) folded at ratios 0.3 / 0.5;
   latency of a batch of 256 and of a single image, throughput, MAC ratio (`modelfold.summary`).
-* smollm2: real SmolLM2-135M (fp32, CPU) with its MLPs folded to 10 / 20 / 30 % fewer
-  parameters: prefill latency (1 x 512 tokens) and greedy decoding speed (64 new tokens).
+* smollm2: real SmolLM2-135M (fp32, CPU) with 10 / 20 / 30 % of its MLP channels removed:
+  prefill latency (1 x 512 tokens) and greedy decoding speed (64 new tokens).
 * synthetic-llm: a random LLaMA of 1.6 B parameters (bf16, the `llm_streaming` config) on the
   GPU, MLP ratios 0.2 / 0.4: prefill (8 x 1024 tokens) and decoding (batch 8, 128 tokens).
-  Only shapes matter for speed, so the compressed LLMs are built with the data-free magnitude
+  Only shapes matter for speed, so the compressed LLMs (both) are built with the data-free magnitude
   selection (`prune_llm`), which gives exactly the shapes folding gives at the same ratio
   without the clustering time.
 
