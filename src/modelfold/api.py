@@ -87,30 +87,14 @@ def fold(
         raise FoldError("`example_inputs` is required: a tensor, tuple or dict the model accepts.")
     check_parameters(model)
     dev = _resolve_device(device, model)
-    names = {id(m): n for n, m in model.named_modules()}
-    ignored_names = []
-    for m in ignored:
-        if id(m) not in names:
-            raise FoldError(
-                f"`ignored` contains a {type(m).__name__} that is not part of the model."
-            )
-        ignored_names.append(names[id(m)])
-    for name in config.module_ratios:
-        if name not in dict(model.named_modules()):
-            raise FoldError(f"module_ratios names {name!r}, which is not a module of the model.")
+    ignored_names = check_targets(model, ignored, config.module_ratios)
 
     attrs_before = {n: simple_attrs(m) for n, m in model.named_modules()}
     was_training = model.training
     work = model if inplace else copy.deepcopy(model)
     work = work.to(dev)
     inputs = _to_device(example_inputs, dev)
-    try:
-        with torch.no_grad():
-            reference = _call(work.eval(), inputs)
-    except Exception as exc:
-        raise FoldError(
-            f"the model does not run on `example_inputs` ({type(exc).__name__}: {exc})."
-        ) from exc
+    reference = reference_output(work, inputs)
 
     needs_original = config.repair in ("data", "deep_inversion")
     if not needs_original:
@@ -191,7 +175,7 @@ def make_plan(discovery: GroupDiscovery, config: FoldConfig, ratio: float) -> Fo
     for group in discovery.groups:
         if not group.foldable:
             continue
-        k = kept_channels(group.n, _group_ratio(group, config, ratio))
+        k = kept_channels(group.n, group_ratio(group, config.module_ratios, ratio))
         if k == group.n:
             continue
         x = group_features(group, features=config.features,
@@ -209,7 +193,7 @@ def solve_ratio(
     target = float(config.target_sparsity)
 
     def sparsity(r: float) -> float:
-        kept = {g.name: kept_channels(g.n, _group_ratio(g, config, r))
+        kept = {g.name: kept_channels(g.n, group_ratio(g, config.module_ratios, r))
                 for g in discovery.groups if g.foldable}
         return 1.0 - predicted_parameter_count(model, discovery, kept) / params_before
 
@@ -232,12 +216,41 @@ def solve_ratio(
     return ratio
 
 
-def _group_ratio(group, config: FoldConfig, ratio: float) -> float:
+def group_ratio(group, module_ratios: dict[str, float], ratio: float) -> float:
     """A group takes the override of a module that writes its channels (a producer)."""
     for slot in group.slots:
-        if slot.role == "producer" and slot.name in config.module_ratios:
-            return config.module_ratios[slot.name]
+        if slot.role == "producer" and slot.name in module_ratios:
+            return module_ratios[slot.name]
     return ratio
+
+
+def check_targets(model: nn.Module, ignored: Iterable[nn.Module],
+                  module_ratios: dict[str, float]) -> list[str]:
+    """Names of the `ignored` modules; refuses modules (or module_ratios names) not in `model`."""
+    names = {id(m): n for n, m in model.named_modules()}
+    ignored_names = []
+    for m in ignored:
+        if id(m) not in names:
+            raise FoldError(
+                f"`ignored` contains a {type(m).__name__} that is not part of the model."
+            )
+        ignored_names.append(names[id(m)])
+    modules = set(names.values())
+    for name in module_ratios:
+        if name not in modules:
+            raise FoldError(f"module_ratios names {name!r}, which is not a module of the model.")
+    return ignored_names
+
+
+def reference_output(model: nn.Module, inputs: Any) -> Any:
+    """The model's output on `inputs` in eval mode (what the compressed model must match)."""
+    try:
+        with torch.no_grad():
+            return _call(model.eval(), inputs)
+    except Exception as exc:
+        raise FoldError(
+            f"the model does not run on `example_inputs` ({type(exc).__name__}: {exc})."
+        ) from exc
 
 
 def _group_infos(discovery: GroupDiscovery, plan: FoldPlan) -> list[GroupInfo]:

@@ -17,15 +17,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelfold.api import _call, _check_output, _group_infos, _to_device, _unique_params
-from modelfold.cluster.features import head_block
+from modelfold.api import (
+    _check_output,
+    _group_infos,
+    _to_device,
+    _unique_params,
+    check_targets,
+    group_ratio,
+    reference_output,
+)
+from modelfold.cluster.features import channel_blocks
 from modelfold.config import check_ratio, kept_channels
 from modelfold.errors import FoldError, check_parameters
 from modelfold.graph import ChannelGroup, discover_groups
 from modelfold.merge.apply import ChannelMap, apply_channel_maps, predicted_parameter_count
 from modelfold.merge.batchnorm import fold_batchnorms, restore_identity
-from modelfold.merge.handlers import find_attention_handler, find_layer_handler
-from modelfold.merge.layout import SlotLayout
 from modelfold.merge.plan import FoldPlan, GroupPlan
 from modelfold.record import (
     FACTORY_ATTR,
@@ -59,36 +65,20 @@ def group_blocks(group: ChannelGroup) -> Blocks:
     biases: list[torch.Tensor] = []
     scales: list[torch.Tensor] = []
     cons: list[torch.Tensor] = []
-    if group.kind == "heads":
-        module = group.slots[0].module
-        for tensor, axis, reduce in find_attention_handler(module).head_blocks(module):
-            block = head_block(tensor, axis, group.n).double().cpu()
-            (prod_w if reduce == "mean" else cons).append(block)
-    else:
-        for slot in group.slots:
-            handler = find_layer_handler(slot.module, slot.name)
-            layout = SlotLayout.build(slot.idxs, slot.root_idxs, group.n, slot.name)
-            for tensor, axis in handler.tensors(slot.module, slot.role):
-                block = layout.gather(tensor, axis).double().cpu()
-                if slot.role == "consumer":
-                    cons.append(block)
-                elif tensor.ndim >= 2:
-                    prod_w.append(block)
-                elif tensor is getattr(slot.module, "bias", None):
-                    biases.append(block)
-                else:
-                    scales.append(block)
+    for role, module, tensor, block in channel_blocks(group):
+        block = block.double().cpu()
+        if role == "consumer":
+            cons.append(block)
+        elif group.kind == "heads" or tensor.ndim >= 2:
+            prod_w.append(block)
+        elif tensor is getattr(module, "bias", None):
+            biases.append(block)
+        else:
+            scales.append(block)
     blocks = Blocks(prod_w, biases, scales, cons)
     if not all(bool(torch.isfinite(b).all()) for b in blocks.all()):
         raise FoldError(f"group {group.name!r}: weights contain NaN or Inf.")
     return blocks
-
-
-def group_ratio(group: ChannelGroup, module_ratios: dict[str, float], ratio: float) -> float:
-    for slot in group.slots:
-        if slot.role == "producer" and slot.name in module_ratios:
-            return module_ratios[slot.name]
-    return ratio
 
 
 def compress(
@@ -122,26 +112,15 @@ def compress(
     module_ratios = dict(module_ratios or {})
     for name, r in module_ratios.items():
         check_ratio(r, f"module_ratios[{name!r}]")
-    names = {id(m): n for n, m in model.named_modules()}
-    for m in ignored:
-        if id(m) not in names:
-            raise FoldError(f"`ignored` contains a {type(m).__name__} that is not in the model.")
+    ignored_names = check_targets(model, ignored, module_ratios)
     work = copy.deepcopy(model)
     modules = dict(work.named_modules())
-    for name in module_ratios:
-        if name not in modules:
-            raise FoldError(f"module_ratios names {name!r}, which is not a module of the model.")
     dev = next(work.parameters()).device
     inputs = _to_device(example_inputs, dev)
     attrs_before = {n: simple_attrs(m) for n, m in model.named_modules()}
     was_training = work.training
-    try:
-        with torch.no_grad():
-            reference = _call(work.eval(), inputs)
-    except Exception as exc:
-        raise FoldError(f"the model does not run on `example_inputs` ({type(exc).__name__}: "
-                        f"{exc}).") from exc
-    discovery = discover_groups(work, inputs, ignored=[modules[names[id(m)]] for m in ignored])
+    reference = reference_output(work, inputs)
+    discovery = discover_groups(work, inputs, ignored=[modules[n] for n in ignored_names])
     params_before = sum(t.numel() for t in _unique_params(work))
     targets = {}
     for group in discovery.groups:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
 from modelfold.errors import FoldError
@@ -10,24 +13,30 @@ from modelfold.merge.handlers import find_attention_handler, find_layer_handler
 from modelfold.merge.layout import SlotLayout
 
 
-def group_features(
-    group: ChannelGroup, *, features: str = "full", normalize_blocks: bool = False
-) -> torch.Tensor:
-    """(n, d) float32 feature matrix of a group's channels (heads for a head group)."""
-    blocks: list[torch.Tensor] = []
+def channel_blocks(group: ChannelGroup) -> Iterator[tuple[str, Any, torch.Tensor, torch.Tensor]]:
+    """(role, module, tensor, block) for every tensor indexed by the group, in slot order.
+
+    `block` is the (n, e) matrix of the tensor's slices per channel (per head for a head group);
+    `role` is "producer" (rows averaged by folding) or "consumer" (columns summed)."""
     for slot in group.slots:
         if group.kind == "heads":
             handler = find_attention_handler(slot.module)
-            blocks.extend(head_block(t, axis, group.n)
-                          for t, axis, reduce in handler.head_blocks(slot.module)
-                          if features == "full" or reduce == "mean")
-            continue
-        if features == "producer" and slot.role != "producer":
+            for tensor, axis, reduce in handler.head_blocks(slot.module):
+                role = "producer" if reduce == "mean" else "consumer"
+                yield role, slot.module, tensor, head_block(tensor, axis, group.n)
             continue
         handler = find_layer_handler(slot.module, slot.name)
         layout = SlotLayout.build(slot.idxs, slot.root_idxs, group.n, slot.name)
         for tensor, axis in handler.tensors(slot.module, slot.role):
-            blocks.append(layout.gather(tensor, axis).float())
+            yield slot.role, slot.module, tensor, layout.gather(tensor, axis)
+
+
+def group_features(
+    group: ChannelGroup, *, features: str = "full", normalize_blocks: bool = False
+) -> torch.Tensor:
+    """(n, d) float32 feature matrix of a group's channels (heads for a head group)."""
+    blocks = [block.float() for role, _, _, block in channel_blocks(group)
+              if features == "full" or role == "producer"]
     if not blocks:
         raise FoldError(f"group {group.name!r} has no weights to cluster on.")
     if normalize_blocks:

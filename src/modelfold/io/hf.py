@@ -60,6 +60,12 @@ def write_hf_manifest(folder: Path, shapes: list[dict], record: dict | None) -> 
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
+def saved_dtype(config: Any) -> torch.dtype:
+    """The dtype a Hugging Face config records (bf16 stays bf16); float32 when it has none."""
+    dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def load_hf(path: Path, manifest: dict[str, Any], *, device: str | torch.device | None = None
             ) -> nn.Module:
     from safetensors.torch import load_file
@@ -83,10 +89,7 @@ def load_hf(path: Path, manifest: dict[str, Any], *, device: str | torch.device 
             raise FoldError(f"load: {file} does not match the checksum in {path / MANIFEST}; "
                             "the file is truncated or was modified.")
     config = AutoConfig.from_pretrained(path)
-    dtype = getattr(config, "dtype", None) or torch.float32  # the saved dtype (bf16 stays bf16)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype(config))
     try:
         resize_layers(model, [LayerShape(**s) for s in manifest["layers"]])
     except (TypeError, KeyError) as exc:

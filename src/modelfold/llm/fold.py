@@ -71,16 +71,25 @@ def fold_llm(
     "attention": {...}}; layer keys may be ints or "a-b" ranges) must be given.
     `config` supplies the clustering settings (k-means, `n_init`, `seed`, ...).
     """
+    config, ratio, target_sparsity = resolve_llm_config(config, ratio, target_sparsity, recipe,
+                                                        seed)
+    return transform_llm(model, fold_selector_from_config(config), ratio=ratio,
+                         target_sparsity=target_sparsity, parts=parts, recipe=recipe,
+                         tolerance=config.sparsity_tolerance, inplace=inplace, device=device,
+                         method="fold", settings=config.to_dict())
+
+
+def resolve_llm_config(config: FoldConfig | None, ratio: float | None,
+                       target_sparsity: float | None, recipe: Any, seed: int | None
+                       ) -> tuple[FoldConfig, float | None, float | None]:
+    """(clustering config, ratio, target_sparsity): the budget comes from `config` when no
+    argument gives one; `seed` overrides the config's."""
     if config is not None and ratio is None and target_sparsity is None and recipe is None:
         ratio, target_sparsity = config.ratio, config.target_sparsity
     config = config or FoldConfig(ratio=0.0)
     if seed is not None:
         config = FoldConfig.from_dict({**config.to_dict(), "seed": seed})
-
-    return transform_llm(model, fold_selector_from_config(config), ratio=ratio,
-                         target_sparsity=target_sparsity, parts=parts, recipe=recipe,
-                         tolerance=config.sparsity_tolerance, inplace=inplace, device=device,
-                         method="fold", settings=config.to_dict())
+    return config, ratio, target_sparsity
 
 
 def transform_llm(

@@ -31,10 +31,10 @@ from modelfold.config import FoldConfig
 from modelfold.errors import FoldError
 from modelfold.llm.architectures import architecture_of
 from modelfold.llm.fold import (
-    LLM_RECORD_ATTR,
     _update_config,
     fold_selector_from_config,
     plan_layers,
+    resolve_llm_config,
     shrink_layer,
 )
 
@@ -104,11 +104,10 @@ def fold_checkpoint(
     `modelfold.save`; `device` is where each layer is folded (e.g. "cuda"). Returns the fold
     record (shapes, ratios, parameter counts).
     """
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from modelfold.io.folder import atomic_folder
-    from modelfold.io.hf import write_hf_manifest
+    from modelfold.io.hf import saved_dtype, write_hf_manifest
 
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
@@ -116,18 +115,12 @@ def fold_checkpoint(
     if src.resolve() == out.resolve():
         raise FoldError("`out` must differ from `src`: the source shards are read while the "
                         "folded ones are written.")
-    if config is not None and ratio is None and target_sparsity is None and recipe is None:
-        ratio, target_sparsity = config.ratio, config.target_sparsity
-    config = config or FoldConfig(ratio=0.0)
-    if seed is not None:
-        config = FoldConfig.from_dict({**config.to_dict(), "seed": seed})
+    config, ratio, target_sparsity = resolve_llm_config(config, ratio, target_sparsity, recipe,
+                                                        seed)
     index = checkpoint_index(src)
     hf_config = AutoConfig.from_pretrained(src)
-    dtype = getattr(hf_config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=saved_dtype(hf_config))
     arch = architecture_of(skeleton)
     plan = plan_layers(skeleton, arch, ratio=ratio, target_sparsity=target_sparsity,
                        parts=parts, recipe=recipe, tolerance=config.sparsity_tolerance)
@@ -135,8 +128,7 @@ def fold_checkpoint(
     layers = arch.layers(skeleton)
     reader = _ShardReader(src, index)
     weight_map: dict[str, str] = {}
-    written = 0
-    total_bytes = 0
+    sizes = [0, 0]  # elements, bytes written
     try:
         with atomic_folder(out) as tmp:
             for i, layer in enumerate(layers):
@@ -154,19 +146,13 @@ def fold_checkpoint(
                 tensors = {prefix + k: v.detach().to("cpu").contiguous()
                            for k, v in layer.state_dict().items()}
                 shard = f"model-layer-{i:05d}.safetensors"
-                save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(tensors, shard))
-                written += sum(t.numel() for t in tensors.values())
-                total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+                _write_shard(tmp / shard, tensors, weight_map, sizes)
                 del tensors
                 layers[i] = layer.to("meta")  # drop the weights
             rest = [n for n in index if not n.startswith(f"{arch.layers_path}.")]
-            tensors = {n: reader.get(n).contiguous() for n in rest}
-            save_file(tensors, str(tmp / "model-rest.safetensors"), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, "model-rest.safetensors"))
-            written += sum(t.numel() for t in tensors.values())
-            total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-            del tensors
+            _write_shard(tmp / "model-rest.safetensors",
+                         {n: reader.get(n).contiguous() for n in rest}, weight_map, sizes)
+            written, total_bytes = sizes
             if written != plan.params_after:
                 raise FoldError(f"fold_checkpoint: {written} parameters written, "
                                 f"{plan.params_after} expected from the config; the checkpoint "
@@ -182,8 +168,19 @@ def fold_checkpoint(
             write_hf_manifest(tmp, [s.__dict__ for s in plan.new_shapes], record)
     finally:
         reader.close()
-    setattr(skeleton, LLM_RECORD_ATTR, record)
     return record
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], weight_map: dict[str, str],
+                 sizes: list[int]) -> None:
+    """Write `tensors` as one safetensors shard, index them and add their element and byte
+    counts to `sizes`."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, path.name))
+    sizes[0] += sum(t.numel() for t in tensors.values())
+    sizes[1] += sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _check_materialised(layer: torch.nn.Module, prefix: str) -> None:
