@@ -8,7 +8,9 @@ vocab 32000: 1.64 B parameters, 3.3 GB), then folds its MLPs with
 `modelfold.llm.stream.fold_checkpoint` and reports fold wall time, the peak RSS of the fold
 (`modelfold.eval.resources.PeakMemory`: reset at the start, read at the end) and, on CUDA, the
 peak GPU allocation, next to the size of the checkpoint. With `--in-memory` it also loads the
-model and folds it with `modelfold.fold` for comparison. Results: benchmarks/results/<name>.md.
+model and folds it with `modelfold.fold` for comparison. Each path is measured in a fresh
+process. "0.15b" (hidden 768, MLP 3072, 12 layers, vocab 32000) is the CPU-sized comparison.
+Results: benchmarks/results/<name>.md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +30,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {
     "1.6b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
                  num_attention_heads=16, num_key_value_heads=8, vocab_size=32000),
+    "0.15b": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=4, vocab_size=32000),
     "tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=4, vocab_size=1000),
 }
@@ -68,11 +74,31 @@ def write_synthetic(folder: Path, size: str, seed: int = 0) -> int:
     return total
 
 
-def main() -> None:
+def measure(path: str, work: Path, ratio: float, n_init: int, device: str) -> dict:
+    """Fold with one path in this (fresh) process; wall time and peak memory of the fold."""
+    from transformers import AutoModelForCausalLM
+
+    import modelfold as mf
     from modelfold.config import FoldConfig
     from modelfold.eval.resources import PeakMemory
     from modelfold.llm.stream import fold_checkpoint
 
+    config = FoldConfig(ratio=ratio, n_init=n_init)
+    with PeakMemory() as peak:
+        start = time.perf_counter()
+        if path == "streamed":
+            record = fold_checkpoint(work / "src", work / "out", config=config, device=device)
+            after = record["params_after"]
+        else:
+            model = AutoModelForCausalLM.from_pretrained(work / "src", dtype=torch.bfloat16)
+            folded = mf.fold(model, config=config, device=device)
+            after = sum(p.numel() for p in folded.parameters())
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "start_rss_mb": peak.start_rss_mb, "rss_mb": peak.rss_mb,
+            "cuda_mb": peak.cuda_mb, "params_after": after}
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="1.6b", choices=sorted(SIZES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -81,49 +107,49 @@ def main() -> None:
     parser.add_argument("--in-memory", action="store_true")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--name", default=None)
+    parser.add_argument("--measure", choices=["streamed", "in-memory"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mf-stream-"))
+    if args.measure:  # child process: one path, result as the last line of stdout
+        print(json.dumps(measure(args.measure, work, args.ratio, args.n_init, args.device)))
+        return
     start = time.perf_counter()
     params = write_synthetic(work / "src", args.size)
     print(f"wrote {params / 1e9:.2f} B parameters in {time.perf_counter() - start:.0f} s",
           flush=True)
     disk = sum(f.stat().st_size for f in (work / "src").glob("*.safetensors"))
-    config = FoldConfig(ratio=args.ratio, n_init=args.n_init)
-    with PeakMemory() as peak:
-        start = time.perf_counter()
-        record = fold_checkpoint(work / "src", work / "out", config=config, device=args.device)
-        seconds = time.perf_counter() - start
-    rows = [("streamed (fold_checkpoint)", seconds, peak)]
-    print(f"streamed fold: {seconds:.0f} s, peak RSS {peak.rss_mb:.0f} MB, "
-          f"CUDA {peak.cuda_mb} MB", flush=True)
-    if args.in_memory:
-        from transformers import AutoModelForCausalLM
-
-        import modelfold as mf
-
-        with PeakMemory() as peak_mem:
-            start = time.perf_counter()
-            model = AutoModelForCausalLM.from_pretrained(work / "src", dtype=torch.bfloat16)
-            folded = mf.fold(model, config=config, device=args.device)
-            seconds_mem = time.perf_counter() - start
-            del model, folded
-        rows.append(("load + modelfold.fold (in memory)", seconds_mem, peak_mem))
-    lines = [f"Synthetic LLaMA ({args.size}: {params / 1e9:.2f} B parameters, bf16, "
-             f"{disk / 2**30:.2f} GiB on disk, {len(list((work / 'src').glob('*.safetensors')))}"
-             f" shards), MLP folded at ratio {args.ratio} (k-means, n_init {args.n_init}) on "
-             f"{args.device}; {record['params_after'] / 1e9:.2f} B parameters after.", "",
-             "| path | wall s | RSS before MiB | peak RSS MiB | peak RSS / checkpoint size "
-             "| peak CUDA MiB |", "|---|---|---|---|---|---|"]
-    for label, secs, pk in rows:
-        cuda = f"{pk.cuda_mb:.0f}" if pk.cuda_mb is not None else "-"
-        lines.append(f"| {label} | {secs:.0f} | {pk.start_rss_mb:.0f} | {pk.rss_mb:.0f} | "
-                     f"{pk.rss_mb * 2**20 / disk:.2f} | {cuda} |")
+    shards = len(list((work / "src").glob("*.safetensors")))
     name = args.name or f"llm_streaming_{args.size}_{args.device}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.md"
+    rows: list[tuple[str, dict]] = []
+    labels = {"streamed": "streamed (fold_checkpoint)",
+              "in-memory": "load + modelfold.fold (in memory)"}
+    for path in ["streamed", "in-memory"] if args.in_memory else ["streamed"]:
+        # a fresh process per path: the RSS high-water mark and allocator state of one path
+        # (or of writing the checkpoint) must not leak into the other's numbers
+        cmd = [sys.executable, __file__, "--measure", path, "--workdir", str(work), "--ratio",
+               str(args.ratio), "--n-init", str(args.n_init), "--device", args.device]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        rows.append((labels[path], result))
+        header = (f"Synthetic LLaMA ({args.size}: {params / 1e9:.2f} B parameters, bf16, "
+                  f"{disk / 2**30:.2f} GiB on disk, {shards} shards), MLP folded at ratio "
+                  f"{args.ratio} (k-means, n_init {args.n_init}) on {args.device}; "
+                  f"{result['params_after'] / 1e9:.2f} B parameters after. Each path runs in "
+                  "a fresh process; RSS before = torch and transformers imported.")
+        write_table(RESULTS / f"{name}.md", header, rows, disk)  # after every path
+
+
+def write_table(out: Path, header: str, rows: list[tuple[str, dict]], disk: int) -> None:
+    lines = [header, "", "| path | wall s | RSS before MiB | peak RSS MiB | peak RSS / checkpoint "
+             "size | peak CUDA MiB |", "|---|---|---|---|---|---|"]
+    for label, r in rows:
+        cuda = f"{r['cuda_mb']:.0f}" if r["cuda_mb"] is not None else "-"
+        lines.append(f"| {label} | {r['seconds']:.0f} | {r['start_rss_mb']:.0f} | "
+                     f"{r['rss_mb']:.0f} | {r['rss_mb'] * 2**20 / disk:.2f} | {cuda} |")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".tmp").write_text("\n".join(lines) + "\n")
     os.replace(out.with_suffix(".tmp"), out)
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

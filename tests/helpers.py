@@ -10,6 +10,10 @@ from modelfold.merge.layout import SlotLayout
 
 
 @torch.no_grad()
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def plant_duplicates(model: torch.nn.Module, example) -> int:
     """Make channel i + n/2 an exact copy of channel i in every foldable group of even size.
 

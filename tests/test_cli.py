@@ -48,6 +48,21 @@ def test_fold_a_weights_file_with_a_zoo_architecture(tmp_path):
         assert abs(s.sparsity - 0.5) <= 0.01
 
 
+def test_fold_command_beyond_the_paper_options(tmp_path, example):
+    model = make_model("vgg11_bn")
+    mf.save(model, tmp_path / "dense")
+    result = runner.invoke(app, ["fold", str(tmp_path / "dense"), "--ratio", "0.4",
+                                 "--clusterer", "hartigan", "--allocation", "inertia",
+                                 "--round-to", "4", "--out", str(tmp_path / "folded")])
+    assert result.exit_code == 0, result.output
+    folded = mf.load(tmp_path / "folded")
+    cfg = folded._modelfold_record.config
+    assert (cfg["clusterer"], cfg["allocation"], cfg["round_to"]) == ("hartigan", "inertia", 4)
+    widths = [m.out_channels for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % 4 == 0 for w in widths)
+    assert folded(example).shape == (2, 10)
+
+
 def test_errors_are_clean_messages_with_exit_code_2(tmp_path):
     cases = [
         ["fold", str(tmp_path / "missing"), "--ratio", "0.5", "--out", str(tmp_path / "o")],

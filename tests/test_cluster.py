@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -58,6 +60,48 @@ def test_kmeans_inertia_is_no_worse_than_sklearn():
     assert ours <= ref * 1.01
 
 
+def lowrank_rows(n: int = 300, d: int = 48, seed: int = 0) -> torch.Tensor:
+    """Rows like trained weights (shared low-rank structure plus noise): the k ~ n regime."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 8, generator=gen) @ torch.randn(8, d, generator=gen)
+            + 0.5 * torch.randn(n, d, generator=gen))
+
+
+@pytest.mark.parametrize("k", [150, 240])
+def test_hartigan_refinement_lowers_inertia_and_keeps_k_clusters(k):
+    x = lowrank_rows()
+    lloyd = kmeans(x, k, n_init=1, seed=0)
+    refined = kmeans(x, k, n_init=1, seed=0, hartigan=True)
+    counts = torch.bincount(refined.labels, minlength=k)
+    assert counts.min() >= 1 and refined.labels.max() == k - 1
+    assert refined.inertia < 0.97 * lloyd.inertia  # Lloyd stalls when k ~ n; moves do not
+    # the reported inertia is the partition's true within-cluster sum of squares
+    xc = x.double() - x.double().mean(0)
+    cent = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, refined.labels, xc)
+    cent /= counts[:, None]
+    assert refined.inertia == pytest.approx(float(((xc - cent[refined.labels]) ** 2).sum()),
+                                            rel=1e-4)
+
+
+def test_hartigan_keeps_planted_duplicates_together():
+    base = lowrank_rows(n=40, d=12, seed=5)
+    x = torch.cat([base, base[:25]])  # 25 planted duplicates: k = 40 is a zero-inertia fold
+    res = kmeans(x, 40, seed=0, hartigan=True)
+    assert res.inertia == pytest.approx(0.0, abs=1e-6)
+    assert torch.equal(res.labels[40:], res.labels[:25])
+
+
+def test_chunked_distances_give_the_same_clustering(monkeypatch):
+    km = importlib.import_module("modelfold.cluster.kmeans")  # the module, not the function
+
+    x = lowrank_rows()
+    whole = kmeans(x, 200, seed=0, hartigan=True)
+    monkeypatch.setattr(km, "_CHUNK_ELEMENTS", 1000)  # 5 rows per block
+    chunked = kmeans(x, 200, seed=0, hartigan=True)
+    assert torch.equal(whole.labels, chunked.labels)
+    assert chunked.inertia == pytest.approx(whole.inertia, rel=1e-5)
+
+
 def test_edge_cases_of_k():
     x, _ = blobs(k=2, per=3)
     assert torch.equal(kmeans(x, 6).labels, torch.arange(6))
@@ -103,3 +147,8 @@ def test_bn_statistics_follow_the_inverse_std_rule():
 def test_kmeans_on_cuda_matches_cpu():
     x, _ = blobs()
     assert same_partition(kmeans(x.cuda(), 5, seed=0).labels.cpu(), kmeans(x, 5, seed=0).labels)
+    rows = lowrank_rows()
+    gpu = kmeans(rows.cuda(), 200, seed=0, hartigan=True)
+    cpu = kmeans(rows, 200, seed=0, hartigan=True)
+    assert gpu.labels.device.type == "cuda"
+    assert gpu.inertia == pytest.approx(cpu.inertia, rel=0.02)

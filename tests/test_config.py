@@ -46,6 +46,17 @@ def test_kept_channels_follows_the_papers_rounding(n, ratio, k):
     assert kept_channels(n, ratio) == k
 
 
+@pytest.mark.parametrize("n, ratio, multiple, k", [
+    (8192, 0.2, 64, 6528),   # 6553.6 -> 6554 -> nearest multiple of 64
+    (8192, 0.0, 64, 8192),   # ratio 0 stays the identity
+    (100, 0.95, 8, 8),       # at least one multiple
+    (120, 0.01, 64, 120),    # never more than n (119 -> 128 -> 120)
+    (1536, 0.3, 8, 1072),
+])
+def test_kept_channels_rounds_to_a_multiple(n, ratio, multiple, k):
+    assert kept_channels(n, ratio, multiple) == k
+
+
 def test_fold_argument_errors(example):
     model = make_model("lenet5")
     with pytest.raises(mf.FoldError, match="ratio"):

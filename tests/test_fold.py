@@ -9,14 +9,10 @@ import torch
 
 import modelfold as mf
 from conftest import ZOO, make_model
-from helpers import plant_duplicates
+from helpers import n_params, plant_duplicates
 from modelfold.config import kept_channels
 
 NAMES = sorted(ZOO)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -101,6 +97,16 @@ def test_target_sparsity_is_reached_within_one_point(target, example):
     assert 0 < s.ratio < 1
 
 
+def test_round_to_gives_multiples_and_keeps_planted_duplicates_lossless(example):
+    model = make_model("vgg11_bn")  # zoo width 16: every group keeps 8 or 16 channels
+    plant_duplicates(model, example)
+    folded = mf.fold(model, example, config=mf.FoldConfig(ratio=0.4, round_to=8))
+    widths = [m.out_channels for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths and all(w % 8 == 0 for w in widths)
+    assert n_params(folded) < n_params(model)
+    assert (folded(example) - model(example)).abs().max() <= 1e-4
+
+
 def test_unreachable_target_sparsity_is_a_clear_error(example):
     model = make_model("bn_mlp")  # the 3072-wide input layer is never folded
     with pytest.raises(mf.FoldError, match="unreachable"):
@@ -149,10 +155,11 @@ def test_attention_heads_are_folded_as_units(example):
     assert attn.q_proj.in_features == folded.patch_embed.out_channels == 16
 
 
-def test_ward_clusterer(example):
+@pytest.mark.parametrize("clusterer", ["ward", "hartigan"])
+def test_other_clusterers_fold_planted_duplicates_losslessly(clusterer, example):
     model = make_model("resnet18")
     plant_duplicates(model, example)
-    folded = mf.fold(model, example, config=mf.FoldConfig(ratio=0.5, clusterer="ward"))
+    folded = mf.fold(model, example, config=mf.FoldConfig(ratio=0.5, clusterer=clusterer))
     assert (folded(example) - model(example)).abs().max() <= 1e-4
 
 

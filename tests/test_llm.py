@@ -83,6 +83,8 @@ def test_planted_duplicate_mlp_channels_fold_losslessly(arch):
     assert folded.config.intermediate_size == 72
     assert all(layer.mlp.down_proj.in_features == 72 for layer in folded.model.layers)
     torch.testing.assert_close(logits(folded), logits(model), atol=1e-4, rtol=1e-4)
+    refined = mf.fold(model, config=mf.FoldConfig(ratio=0.25, clusterer="hartigan"))
+    torch.testing.assert_close(logits(refined), logits(model), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

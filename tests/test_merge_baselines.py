@@ -12,7 +12,7 @@ from torch import nn
 
 import modelfold as mf
 from conftest import ZOO, make_model
-from helpers import plant_duplicates
+from helpers import n_params, plant_duplicates
 from modelfold.baselines import ifm, inn, intra_fusion, magnitude_prune, neuron_merging
 from modelfold.baselines.ifm import ifm_clusters
 from modelfold.baselines.inn import (
@@ -27,10 +27,6 @@ from modelfold.errors import FoldError
 METHODS = {"ifm": ifm, "inn": inn, "neuron-merging": neuron_merging,
            "intra-fusion": intra_fusion}
 NAMES = sorted(ZOO)
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def close(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> bool:

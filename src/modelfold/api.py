@@ -96,8 +96,7 @@ def fold(
     inputs = _to_device(example_inputs, dev)
     reference = reference_output(work, inputs)
 
-    needs_original = config.repair in ("data", "deep_inversion")
-    if not needs_original:
+    if not repairer.needs_original:
         original = work  # unused by the repair
     elif inplace or _device_of(model) != dev:
         original = copy.deepcopy(work)  # work is still unfolded here
@@ -120,7 +119,10 @@ def fold(
     if config.target_sparsity is not None:
         base_ratio = solve_ratio(work, discovery, config, params_before)
     repairer.before_plan(work, discovery, config)
-    plan = make_plan(discovery, config, base_ratio)
+    ks = None
+    if config.allocation == "inertia":
+        ks = allocate_clusters(work, discovery, config, base_ratio)
+    plan = make_plan(discovery, config, base_ratio, ks)
     predicted = predicted_parameter_count(work, discovery, {g: p.k for g, p in plan.groups.items()})
     repairer.before_merge(work, discovery, plan, config)
     apply_plan(discovery, plan)
@@ -169,13 +171,51 @@ def _is_llm(model: Any, example_inputs: Any) -> bool:
     return False
 
 
-def make_plan(discovery: GroupDiscovery, config: FoldConfig, ratio: float) -> FoldPlan:
-    """Cluster every foldable group (all on the unmodified weights) into its k clusters."""
+def uniform_clusters(discovery: GroupDiscovery, config: FoldConfig,
+                     ratio: float) -> dict[str, int]:
+    """k of every foldable group under `ratio` (and the module_ratios overrides)."""
+    return {g.name: kept_channels(g.n, group_ratio(g, config.module_ratios, ratio),
+                                  config.round_to)
+            for g in discovery.groups if g.foldable}
+
+
+def allocate_clusters(model: nn.Module, discovery: GroupDiscovery, config: FoldConfig,
+                      ratio: float) -> dict[str, int]:
+    """Budget-aware k per group (`allocation="inertia"`): the parameter count of the uniform
+    `ratio`, spread by the groups' Ward distortion curves (`cluster.allocation`). Groups with
+    a module_ratios override keep their k."""
+    from modelfold.cluster.allocation import allocate, distortion_curve
+
+    uniform = uniform_clusters(discovery, config, ratio)
+    budget = predicted_parameter_count(model, discovery, uniform)
+    fixed = {g.name for g in discovery.groups if g.foldable
+             and any(s.role == "producer" and s.name in config.module_ratios for s in g.slots)}
+    free = [g for g in discovery.groups if g.foldable and g.name not in fixed and g.n > 1]
+    full = predicted_parameter_count(model, discovery, {})
+    curves, costs = {}, {}
+    for g in free:
+        x = group_features(g, features=config.features, normalize_blocks=config.normalize_blocks)
+        curves[g.name] = distortion_curve(x)
+        costs[g.name] = (full - predicted_parameter_count(model, discovery,
+                                                          {g.name: g.n - 1})) / full
+    base = {name: uniform[name] for name in fixed}
+
+    def count(ks: dict[str, int]) -> int:
+        return predicted_parameter_count(model, discovery, {**base, **ks})
+
+    return {**base, **allocate(curves, costs, count, budget, round_to=config.round_to)}
+
+
+def make_plan(discovery: GroupDiscovery, config: FoldConfig, ratio: float,
+              ks: dict[str, int] | None = None) -> FoldPlan:
+    """Cluster every foldable group (all on the unmodified weights) into its k clusters: `ks`
+    (group name -> k) when given, else the uniform ratio's."""
     plan = FoldPlan(ratio=ratio)
+    uniform = uniform_clusters(discovery, config, ratio) if ks is None else ks
     for group in discovery.groups:
         if not group.foldable:
             continue
-        k = kept_channels(group.n, group_ratio(group, config.module_ratios, ratio))
+        k = uniform.get(group.name, group.n)
         if k == group.n:
             continue
         x = group_features(group, features=config.features,
@@ -193,8 +233,7 @@ def solve_ratio(
     target = float(config.target_sparsity)
 
     def sparsity(r: float) -> float:
-        kept = {g.name: kept_channels(g.n, group_ratio(g, config.module_ratios, r))
-                for g in discovery.groups if g.foldable}
+        kept = uniform_clusters(discovery, config, r)
         return 1.0 - predicted_parameter_count(model, discovery, kept) / params_before
 
     hi = 1.0 - 1e-12  # at hi every group keeps one channel

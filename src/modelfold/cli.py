@@ -122,13 +122,20 @@ def fold(
     input_shape: Annotated[str, typer.Option(help="Example input shape for tracing.")]
     = "1,3,32,32",
     seed: Annotated[int | None, typer.Option(help="Clustering seed (default 0).")] = None,
-    clusterer: Annotated[str | None, typer.Option(help="kmeans or ward (default kmeans).")]
+    clusterer: Annotated[str | None, typer.Option(
+        help="kmeans, hartigan or ward (default kmeans).")]
     = None,
+    round_to: Annotated[int | None, typer.Option(
+        help="Round kept channel counts to multiples of this (default 1).")] = None,
+    allocation: Annotated[str | None, typer.Option(
+        help="uniform (same ratio in every group) or inertia (same parameter count spread by "
+             "clustering distortion) (default uniform).")] = None,
     config: Annotated[Path | None, typer.Option(help="FoldConfig JSON file (flags override).")]
     = None,
     repair: Annotated[str | None, typer.Option(
         help="none (Fold-Naive), data (Fold-R, needs --calibration), approx (Fold-AR, "
-             "data-free) or deep_inversion (Fold-DIR) (default none).")] = None,
+             "data-free), deep_inversion (Fold-DIR) or deep_inversion_debiased (Fold-DIR with "
+             "the original model's statistics gap removed) (default none).")] = None,
     calibration: Annotated[str | None, typer.Option(
         help="Calibration inputs for --repair data: a tensor file (.safetensors/.pt) or "
              "'fashion-mnist' (1,024 training images).")] = None,
@@ -152,7 +159,8 @@ def fold(
             data.update(ratio=ratio, target_sparsity=None)
         if target_sparsity is not None:
             data.update(target_sparsity=target_sparsity, ratio=None)
-        flags = {"seed": seed, "clusterer": clusterer, "repair": repair}
+        flags = {"seed": seed, "clusterer": clusterer, "repair": repair, "round_to": round_to,
+                 "allocation": allocation}
         data.update({k: v for k, v in flags.items() if v is not None})
         if di_preset is not None:
             data["deep_inversion"] = asdict(DeepInversionConfig.preset(di_preset))
@@ -280,6 +288,10 @@ def fold_llm_command(
         help="Preset name (llama-7b-paper) or JSON {part: {layer or 'a-b': ratio}}.")] = None,
     parts: Annotated[str, typer.Option(help="Comma-separated: mlp, attention.")] = "mlp",
     seed: Annotated[int | None, typer.Option(help="Clustering seed (default 0).")] = None,
+    clusterer: Annotated[str, typer.Option(
+        help="kmeans, hartigan (k-means + Hartigan moves: lower inertia) or ward.")] = "kmeans",
+    round_to: Annotated[int, typer.Option(
+        help="Round kept MLP widths to multiples of this (8 or 64 for fast GPU kernels).")] = 1,
     stream: Annotated[bool, typer.Option(
         help="Fold layer by layer from the safetensors shards (bounded memory).")] = False,
     device: Annotated[str | None, typer.Option(help="Where to fold, e.g. cuda.")] = None,
@@ -294,19 +306,26 @@ def fold_llm_command(
         except json.JSONDecodeError as exc:
             _fail(f"--recipe is not valid JSON ({exc}).")
     part_list = [p.strip() for p in parts.split(",") if p.strip()]
+    if sum(x is not None for x in (ratio, target_sparsity, recipe)) != 1:
+        _fail("give exactly one of --ratio, --target-sparsity or --recipe.")
+    try:  # clustering settings only: the budget comes from the flags above
+        cfg = mf.FoldConfig(ratio=0.0, clusterer=clusterer, round_to=round_to)
+    except FoldError as exc:
+        _fail(str(exc))
     if stream:
         from modelfold.llm.stream import fold_checkpoint
 
         try:
             record = fold_checkpoint(model_dir, out, ratio=ratio, target_sparsity=target_sparsity,
-                                     recipe=plan, parts=part_list, seed=seed, device=device)
+                                     recipe=plan, parts=part_list, config=cfg, seed=seed,
+                                     device=device)
         except (FoldError, OSError) as exc:
             _fail(str(exc))
     else:
         model, tokenizer = load_llm(model_dir)
         try:
             folded = mf.fold(model, ratio=ratio, target_sparsity=target_sparsity, recipe=plan,
-                             parts=part_list, seed=seed, device=device)
+                             parts=part_list, config=cfg, seed=seed, device=device)
             mf.save(folded, out, tokenizer=tokenizer)
         except FoldError as exc:
             _fail(str(exc))

@@ -14,7 +14,7 @@ from modelfold.repair.deep_inversion import DeepInversionConfig
 
 CONFIG_VERSION = 1
 
-Clusterer = Literal["kmeans", "ward"]
+Clusterer = Literal["kmeans", "hartigan", "ward"]
 RepairName = Literal["none", "data", "approx", "deep_inversion"]
 FeatureSet = Literal["full", "producer"]
 
@@ -30,11 +30,17 @@ class FoldConfig:
             the ratio reaching it within `sparsity_tolerance` is searched for.
         module_ratios: per-module overrides, module name (as in `named_modules`) -> ratio. A group
             takes the override of its root module (the first producer in the group).
-        clusterer: "kmeans" (Lloyd, k-means++ init) or "ward" (agglomerative, Ward linkage).
+        clusterer: "kmeans" (Lloyd, k-means++ init), "hartigan" (k-means followed by Hartigan
+            single-point moves: lower inertia) or "ward" (agglomerative, Ward linkage).
         features: "full" = producer rows + consumer columns (reference R1 semantics),
             "producer" = producer rows only.
         normalize_blocks: scale every tensor block of a feature vector to unit Frobenius norm
             so large tensors do not dominate the distance.
+        allocation: "uniform" (every group loses the same fraction: the paper) or "inertia"
+            (same parameter count as the uniform ratio / target, spread over the groups by
+            their Ward clustering-distortion curves: redundant groups fold harder).
+        round_to: kept channel counts are rounded to a multiple of this (1 = the paper's exact
+            k; 8 or 64 let GPU kernels run at full speed on the folded shapes).
         n_init, max_iter, tol: k-means restarts, Lloyd iterations and relative-shift tolerance.
         seed: seed of the clustering (the result is deterministic for a given seed).
         sparsity_tolerance: allowed gap between achieved and target parameter sparsity.
@@ -56,6 +62,8 @@ class FoldConfig:
     clusterer: Clusterer = "kmeans"
     features: FeatureSet = "full"
     normalize_blocks: bool = False
+    allocation: Literal["uniform", "inertia"] = "uniform"
+    round_to: int = 1
     n_init: int = 3
     max_iter: int = 100
     tol: float = 1e-6
@@ -82,10 +90,12 @@ class FoldConfig:
             check_ratio(self.target_sparsity, "target_sparsity")
         for name, r in self.module_ratios.items():
             check_ratio(r, f"module_ratios[{name!r}]")
-        if self.clusterer not in ("kmeans", "ward"):
-            raise FoldError(
-                f"FoldConfig.clusterer={self.clusterer!r} is unknown; use 'kmeans' or 'ward'."
-            )
+        if self.clusterer not in ("kmeans", "hartigan", "ward"):
+            raise FoldError(f"FoldConfig.clusterer={self.clusterer!r} is unknown; use 'kmeans', "
+                            "'hartigan' or 'ward'.")
+        if self.allocation not in ("uniform", "inertia"):
+            raise FoldError(f"FoldConfig.allocation={self.allocation!r} is unknown; use "
+                            "'uniform' or 'inertia'.")
         if self.features not in ("full", "producer"):
             raise FoldError(
                 f"FoldConfig.features={self.features!r} is unknown; use 'full' or 'producer'."
@@ -104,7 +114,7 @@ class FoldConfig:
             DeepInversionConfig(**self.deep_inversion).validate()
         except TypeError as exc:
             raise FoldError(f"FoldConfig.deep_inversion: {exc}.") from exc
-        for name in ("n_init", "max_iter", "calibration_samples"):
+        for name in ("n_init", "max_iter", "calibration_samples", "round_to"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FoldError(f"FoldConfig.{name} must be a positive integer, got {value!r}.")
@@ -152,9 +162,15 @@ def check_ratio(value: object, name: str) -> float:
     return float(value)
 
 
-def kept_channels(n: int, ratio: float) -> int:
-    """k = max(1, round(n * (1 - ratio))), rounding halves up (no banker's rounding)."""
-    return max(1, min(n, math.floor(n * (1.0 - ratio) + 0.5)))
+def kept_channels(n: int, ratio: float, round_to: int = 1) -> int:
+    """k = max(1, round(n * (1 - ratio))), rounding halves up (no banker's rounding).
+
+    `round_to` > 1 then rounds k to the nearest multiple of `round_to` (at least one multiple,
+    never more than n): GPU matrix kernels run much faster on multiples of 8 / 64."""
+    k = max(1, min(n, math.floor(n * (1.0 - ratio) + 0.5)))
+    if round_to > 1 and k < n:
+        k = min(n, max(round_to, math.floor(k / round_to + 0.5) * round_to))
+    return k
 
 
 def bisect_ratio(sparsity: Callable[[float], float], target: float, hi: float) -> float:

@@ -46,8 +46,11 @@ def prune_llm(
     statistics: dict[tuple[int, str], Any] | None = None,
     batch_size: int = 4,
     inplace: bool = False,
+    round_to: int = 1,
 ) -> nn.Module:
     """Remove the lowest-scoring MLP channels / query heads (see the module docstring).
+
+    `round_to`: kept MLP widths are rounded to multiples of it (as `FoldConfig.round_to`).
 
     `calibration`: (N, L) token windows, required by "wanda-sp" and "flap" unless `statistics`
     (the output of `input_norms` for wanda-sp, `input_moments` for flap, computed on the same
@@ -75,7 +78,7 @@ def prune_llm(
     selector = _selector(norms)
     return transform_llm(model, selector, ratio=ratio, target_sparsity=target_sparsity,
                          parts=parts, recipe=recipe, inplace=inplace, method=method,
-                         settings={"method": method})
+                         settings={"method": method, "round_to": round_to}, round_to=round_to)
 
 
 @torch.no_grad()

@@ -12,4 +12,4 @@ def cluster_channels(features, k: int, config):
     if config.clusterer == "ward":
         return ward(features, k)
     return kmeans(features, k, n_init=config.n_init, max_iter=config.max_iter, tol=config.tol,
-                  seed=config.seed).labels
+                  seed=config.seed, hartigan=config.clusterer == "hartigan").labels

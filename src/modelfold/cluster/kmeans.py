@@ -34,22 +34,26 @@ def _sq_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Ten
     return d.clamp_min_(0)
 
 
-def _dist_to(x: torch.Tensor, i: int) -> torch.Tensor:
-    # Direct differences (not the matmul expansion) so duplicates of a chosen center get
-    # exactly zero weight and are never picked again.
-    return ((x - x[i]) ** 2).sum(1)
+def _exact_zeros(d: torch.Tensor, x_sq: torch.Tensor, c_sq: torch.Tensor) -> torch.Tensor:
+    """Zero the distances the |x|^2 - 2 x.c + |c|^2 expansion cannot tell from 0 in float32
+    (relative rounding ~1e-6 of |x|^2 + |c|^2), so duplicates of a chosen center get exactly
+    zero k-means++ weight and are never picked again."""
+    tiny = 1e-5 * (x_sq[:, None] + c_sq[None, :])
+    return d.masked_fill_(d <= tiny, 0.0)
 
 
 def _plus_plus(
     x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator
 ) -> torch.Tensor:
     """Greedy k-means++ (as scikit-learn): of 2 + ln k candidates drawn by D^2 sampling, keep
-    the one that lowers the potential most."""
+    the one that lowers the potential most. One matrix product per step gives the distances
+    to all candidates; the winner's column becomes the new closest-center distance."""
     n = x.shape[0]
     trials = 2 + int(math.log(k))
     first = int(torch.randint(n, (1,), generator=gen))
     centers = [first]
-    closest = _dist_to(x, first)
+    closest = _exact_zeros(_sq_dists(x, x_sq, x[first : first + 1]), x_sq,
+                           x_sq[first : first + 1])[:, 0]
     for _ in range(1, k):
         total = float(closest.sum())
         if total <= 0:  # fewer distinct points than k: take any unused point
@@ -57,59 +61,138 @@ def _plus_plus(
             unused[centers] = False
             nxt = int(torch.nonzero(unused)[0])
             centers.append(nxt)
-            closest = torch.minimum(closest, _dist_to(x, nxt))
             continue
         probs = (closest / total).double().cpu()
         candidates = torch.multinomial(probs, trials, replacement=True, generator=gen)
-        # Potentials of all candidates at once from one matrix product; only the winner's
-        # distances are then computed exactly (see `_dist_to`).
-        cand = x[candidates.to(x.device)]
-        trial = torch.minimum(closest[:, None], _sq_dists(x, x_sq, cand))
-        best = int(candidates[int(trial.sum(0).argmin())])
-        centers.append(best)
-        closest = torch.minimum(closest, _dist_to(x, best))
+        cand = candidates.to(x.device)
+        dists = _exact_zeros(_sq_dists(x, x_sq, x[cand]), x_sq, x_sq[cand])
+        trial = torch.minimum(closest[:, None], dists)
+        j = int(trial.sum(0).argmin())
+        centers.append(int(candidates[j]))
+        closest = trial[:, j].contiguous()
     return x[centers].clone()
+
+
+_CHUNK_ELEMENTS = 1 << 25  # distance-matrix block: 128 MB of float32 per chunk of rows
+
+
+def _assign(
+    x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest center and squared distance of every row, in row chunks so the n x k distance
+    matrix is never materialised whole (LLaMA-70B MLP: 28672 x 17000 would be 2 GB)."""
+    n, k = x.shape[0], centers.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    c_sq = (centers * centers).sum(1)
+    labels = torch.empty(n, dtype=torch.long, device=x.device)
+    dist = torch.empty(n, dtype=x.dtype, device=x.device)
+    for lo in range(0, n, step):
+        block = x_sq[lo : lo + step, None] - 2.0 * (x[lo : lo + step] @ centers.T) + c_sq
+        dist[lo : lo + step], labels[lo : lo + step] = block.min(1)
+    return labels, dist.clamp_min_(0)
 
 
 def _lloyd(
     x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor, max_iter: int, tol: float
 ) -> tuple[torch.Tensor, float]:
+    """Lloyd iterations with scikit-learn's stopping rules: labels unchanged (strict
+    convergence) or total squared center shift <= tol * mean feature variance."""
     n, k = x.shape[0], centers.shape[0]
     scale = float(x.var(0).mean()) if n > 1 else 1.0
+    previous = None
     for _ in range(max_iter):
-        d = _sq_dists(x, x_sq, centers)
-        labels = d.argmin(1)
+        labels, dist = _assign(x, x_sq, centers)
+        if previous is not None and torch.equal(labels, previous):
+            break
+        previous = labels
         counts = torch.bincount(labels, minlength=k)
         new = torch.zeros_like(centers).index_add_(0, labels, x)
         empty = counts == 0
         if bool(empty.any()):  # re-seed empty clusters with the worst-fitted points
-            worst = d.gather(1, labels[:, None]).squeeze(1).argsort(descending=True)
+            worst = dist.argsort(descending=True)
             for j, c in enumerate(torch.nonzero(empty).flatten().tolist()):
                 new[c] = x[worst[j]]
                 counts[c] = 1
         new /= counts[:, None].to(new.dtype)
-        shift = float(((new - centers) ** 2).sum(1).max())
+        shift = float(((new - centers) ** 2).sum())
         centers = new
         if shift <= tol * max(scale, 1e-30):
             break
-    d = _sq_dists(x, x_sq, centers)
-    labels = d.argmin(1)
+    labels, dist = _assign(x, x_sq, centers)
     # A final assignment can empty a cluster when points coincide; give it its own center's
     # nearest point so exactly k clusters remain.
     counts = torch.bincount(labels, minlength=k)
     for c in torch.nonzero(counts == 0).flatten().tolist():
         donors = torch.nonzero(torch.bincount(labels, minlength=k)[labels] > 1).flatten()
-        pick = donors[d[donors, c].argmin()]
+        gap = ((x[donors] - centers[c]) ** 2).sum(1)
+        pick = donors[gap.argmin()]
         labels[pick] = c
-    inertia = float(d.gather(1, labels[:, None]).sum())
-    return labels, inertia
+        dist[pick] = gap.min()
+    return labels, float(dist.sum())
+
+
+def _hartigan(
+    x: torch.Tensor, x_sq: torch.Tensor, labels: torch.Tensor, k: int, max_rounds: int
+) -> torch.Tensor:
+    """Hartigan single-point moves after Lloyd. Moving point i from cluster s (n_s members)
+    to t changes the inertia by n_t/(n_t+1) |x_i-c_t|^2 - n_s/(n_s-1) |x_i-c_s|^2, which Lloyd
+    ignores: with k close to n most clusters hold one or two points and Lloyd stalls where
+    these exact moves still help. Every round applies the best improving moves of all points
+    that touch pairwise-distinct clusters, so each round lowers the inertia by the sum of its
+    gains exactly. Singletons never move (exactly k clusters stay non-empty)."""
+    n = x.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // k)
+    for _ in range(max_rounds):
+        counts = torch.bincount(labels, minlength=k).to(x.dtype)
+        centers = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+        centers = centers.index_add_(0, labels, x) / counts[:, None]
+        c_sq = (centers * centers).sum(1)
+        add_scale = counts / (counts + 1)
+        gain = torch.empty(n, dtype=x.dtype, device=x.device)
+        target = torch.empty(n, dtype=torch.long, device=x.device)
+        for lo in range(0, n, step):
+            rows = slice(lo, lo + step)
+            d = (x_sq[rows, None] - 2.0 * (x[rows] @ centers.T) + c_sq).clamp_min_(0)
+            own_label = labels[rows, None]
+            own = d.gather(1, own_label).squeeze(1)
+            n_own = counts[labels[rows]]
+            remove = torch.where(n_own > 1, n_own / (n_own - 1).clamp_min(1) * own, -1.0)
+            add = (d * add_scale).scatter_(1, own_label, float("inf"))
+            best_add, target[rows] = add.min(1)
+            # Gains below float32 resolution of the distance expansion are noise.
+            gain[rows] = torch.where(remove - best_add > 1e-5 * x_sq[rows],
+                                     remove - best_add, 0.0)
+        movers = torch.nonzero(gain > 0).flatten()
+        if movers.numel() == 0:
+            break
+        movers = movers[gain[movers].argsort(descending=True)]
+        used: set[int] = set()
+        chosen, dest = [], []
+        for i, s, t in zip(movers.tolist(), labels[movers].tolist(), target[movers].tolist()):
+            if s not in used and t not in used:
+                used.update((s, t))
+                chosen.append(i)
+                dest.append(t)
+        labels = labels.clone()
+        labels[torch.tensor(chosen, device=x.device)] = torch.tensor(dest, device=x.device)
+    return labels
+
+
+def _inertia(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    counts = torch.bincount(labels, minlength=k).to(x.dtype)
+    centers = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+    centers = centers.index_add_(0, labels, x) / counts[:, None]
+    return float(((x - centers[labels]) ** 2).sum())
 
 
 def kmeans(
     x: torch.Tensor, k: int, *, n_init: int = 3, max_iter: int = 100, tol: float = 1e-6,
-    seed: int = 0,
+    seed: int = 0, hartigan: bool = False,
 ) -> KMeansResult:
     """Cluster the rows of `x` (n, d) into exactly k non-empty clusters.
+
+    `hartigan=True` refines every restart with Hartigan single-point moves after Lloyd (up to
+    `max_iter` rounds; lower inertia, most so when k is close to n).
 
     Deterministic for a given seed on a given device. k = n returns the identity clustering.
     """
@@ -129,6 +212,9 @@ def kmeans(
     for _ in range(n_init):
         centers = _plus_plus(x, x_sq, k, gen)
         labels, inertia = _lloyd(x, x_sq, centers, max_iter, tol)
+        if hartigan:
+            labels = _hartigan(x, x_sq, labels, k, max_iter)
+            inertia = _inertia(x, labels, k)
         if best is None or inertia < best[1]:
             best = (labels, inertia)
     assert best is not None

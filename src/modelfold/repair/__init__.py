@@ -29,6 +29,7 @@ class Repair:
     """Base strategy: Fold-Naive (every step a no-op)."""
 
     name = "none"
+    needs_original = False  # after_merge reads the unfolded model (kept aside when True)
 
     def before_plan(self, work: nn.Module, discovery: GroupDiscovery, config) -> None:
         """Runs on the working copy before channels are clustered."""
@@ -106,6 +107,7 @@ def data_repair(original: nn.Module, folded: nn.Module, discovery: GroupDiscover
 @register_repair
 class DataRepair(Repair):
     name = "data"
+    needs_original = True
 
     def after_merge(self, original, folded, discovery, plan, config, calibration,
                     example_inputs) -> None:
@@ -134,6 +136,8 @@ class ApproxRepair(Repair):
 @register_repair
 class DeepInversionRepair(Repair):
     name = "deep_inversion"
+    needs_original = True
+    debias = False
 
     def after_merge(self, original, folded, discovery, plan, config, calibration,
                     example_inputs) -> None:
@@ -148,6 +152,18 @@ class DeepInversionRepair(Repair):
         images = synthesize(original, tuple(example_inputs.shape[1:]), num_classes, cfg)
         data = images[: config.calibration_samples].to(example_inputs.device)
         data_repair(original, folded, discovery, plan, data)
+        if self.debias:
+            members = statistics.batchnorm_members(folded, discovery, plan)
+            statistics.debias_batchnorm(original, folded, members, data)
+
+
+@register_repair
+class DebiasedDeepInversionRepair(DeepInversionRepair):
+    """Fold-DIR whose BN statistics are corrected by the original model's own gap between its
+    stored statistics and the synthetic images (see `statistics.debias_batchnorm`)."""
+
+    name = "deep_inversion_debiased"
+    debias = True
 
 
 __all__ = ["DeepInversionConfig", "Repair", "get_repair", "register_repair", "repair_names",

@@ -129,3 +129,65 @@ def repair_channels(model: nn.Module, targets: dict[str, tuple[torch.Tensor, tor
             module.bias = nn.Parameter(new_bias.to(weight.dtype))
         else:
             module.bias.data.copy_(new_bias.to(weight.dtype))
+
+
+def batchnorm_members(folded: nn.Module, discovery: Any, plan: Any) -> dict[str, torch.Tensor]:
+    """Cluster label of every original channel, for each BN of `folded` whose channels are one
+    folded group's channels in order (merged channel c = cluster c); unfolded BNs map
+    one-to-one. BNs with any other layout (e.g. concatenations) are left out."""
+    members: dict[str, torch.Tensor] = {}
+    for group in discovery.groups:
+        gp = plan.groups.get(group.name)
+        if gp is None or group.kind != "channels":
+            continue
+        for slot in group.slots:
+            bn = slot.module
+            if (isinstance(bn, nn.modules.batchnorm._BatchNorm)
+                    and slot.idxs == list(range(group.n)) == slot.root_idxs):
+                members[slot.name] = torch.tensor(gp.labels)
+    for name, bn in folded.named_modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and name not in members:
+            members[name] = torch.arange(bn.num_features)
+    return members
+
+
+@torch.no_grad()
+def debias_batchnorm(original: nn.Module, folded: nn.Module, members: dict[str, torch.Tensor],
+                     data: Any) -> int:
+    """Correct statistics measured on synthetic `data` by the gap the ORIGINAL model shows
+    between its stored (real-data) statistics and the same synthetic data.
+
+    For merged channel c with members S: mean += mean_S(mu_real - mu_syn) and
+    var *= mean_S(var_real) / mean_S(var_syn). Synthetic images match the original BN
+    statistics only approximately; the folded model sees the same bias, so its statistics on
+    them are corrected by it. Returns the number of BN layers corrected."""
+    import copy
+
+    probe = copy.deepcopy(original)
+    reset_batchnorm(probe, data)
+    synthetic = dict(probe.named_modules())
+    originals = dict(original.named_modules())
+    done = 0
+    for name, bn in folded.named_modules():
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or name not in members:
+            continue
+        real, syn = originals.get(name), synthetic.get(name)
+        if real is None or real.running_var is None or bn.running_var is None:
+            continue
+        labels = members[name].to(bn.running_mean.device)
+        k = bn.num_features
+        if labels.numel() != real.num_features or int(labels.max()) + 1 != k:
+            continue
+        shift = _cluster_mean(real.running_mean - syn.running_mean, labels, k)
+        scale = (_cluster_mean(real.running_var, labels, k)
+                 / _cluster_mean(syn.running_var, labels, k).clamp_min(1e-12))
+        bn.running_mean.add_(shift.to(bn.running_mean.dtype))
+        bn.running_var.mul_(scale.to(bn.running_var.dtype))
+        done += 1
+    return done
+
+
+def _cluster_mean(values: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    sizes = torch.bincount(labels, minlength=k).double()
+    out = torch.zeros(k, dtype=torch.float64, device=values.device)
+    return out.index_add_(0, labels, values.double()) / sizes
