@@ -2,6 +2,7 @@
 #   make demo   train (or load cached) ResNet18 on Fashion-MNIST, fold it, print a table, plot
 #   make test   lint + the test suite
 #   make bench  the CNN benchmark (benchmarks/cnn_sweep.py paper-cnn; cached checkpoints)
+#   make bench-beyond  data-free folding beyond the paper (Hartigan, debiased Fold-DIR, allocation)
 #   make bench-llm  SmolLM2-135M perplexity: folding vs magnitude vs Wanda-sp vs FLAP
 #   make bench-speed  k-means vs scikit-learn, inference speed, 1.6 B streaming fold (GPU: minutes; CPU: hours)
 VENV    ?= .venv
@@ -10,7 +11,7 @@ STAMP   := $(VENV)/.modelfold-installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install data lint clean bench bench-llm bench-speed
+.PHONY: demo test install data lint clean bench bench-beyond bench-llm bench-speed
 
 install: $(STAMP)
 
@@ -42,6 +43,9 @@ demo: install data
 
 bench: install data
 	$(PY) benchmarks/cnn_sweep.py paper-cnn
+
+bench-beyond: install data
+	$(PY) benchmarks/cnn_sweep.py beyond-cnn
 
 # Real Wikipedia text: a data file of the exllamav2 wheel, never imported
 bench-llm: install

@@ -87,6 +87,31 @@ def test_planted_duplicate_mlp_channels_fold_losslessly(arch):
     torch.testing.assert_close(logits(refined), logits(model), atol=1e-4, rtol=1e-4)
 
 
+def test_inertia_allocation_takes_the_budget_from_the_redundant_layer(tmp_path):
+    model = tiny(num_hidden_layers=3)
+    layer = model.model.layers[1].mlp
+    with torch.no_grad():  # layer 1 only: 48 channels repeat the other 48 (exact pairs)
+        src, dst = torch.arange(48), torch.arange(48, 96)
+        layer.gate_proj.weight[dst] = layer.gate_proj.weight[src]
+        layer.up_proj.weight[dst] = layer.up_proj.weight[src]
+        half = layer.down_proj.weight[:, src] / 2
+        layer.down_proj.weight[:, src] = half
+        layer.down_proj.weight[:, dst] = half
+    uniform = mf.fold(model, ratio=0.15)
+    spread = mf.fold(model, config=mf.FoldConfig(ratio=0.15, allocation="inertia"))
+    count = mf.llm.fold.count_parameters
+    assert 0.97 * count(uniform) <= count(spread) <= count(uniform)
+    widths = [block.mlp.down_proj.in_features for block in spread.model.layers]
+    assert widths[0] == widths[2] == 96 and widths[1] < 96  # 3 x 14 channels from layer 1
+    torch.testing.assert_close(logits(spread), logits(model), atol=1e-4, rtol=1e-4)
+    assert spread._modelfold_llm_record["settings"]["allocation"] == "inertia"
+    mf.save(spread, tmp_path / "spread")  # per-layer widths survive save -> load
+    torch.testing.assert_close(logits(mf.load(tmp_path / "spread")), logits(spread))
+    with pytest.raises(mf.FoldError, match="MLP channels only"):
+        mf.fold(model, parts=("mlp", "attention"),
+                config=mf.FoldConfig(ratio=0.2, allocation="inertia"))
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_gqa_query_heads_fold_within_their_kv_group(arch):
     model = tiny(arch, heads=8, kv=2)

@@ -292,6 +292,9 @@ def fold_llm_command(
         help="kmeans, hartigan (k-means + Hartigan moves: lower inertia) or ward.")] = "kmeans",
     round_to: Annotated[int, typer.Option(
         help="Round kept MLP widths to multiples of this (8 or 64 for fast GPU kernels).")] = 1,
+    allocation: Annotated[str, typer.Option(
+        help="uniform (same MLP ratio in every layer) or inertia (same parameter count spread "
+             "over the layers by clustering distortion).")] = "uniform",
     stream: Annotated[bool, typer.Option(
         help="Fold layer by layer from the safetensors shards (bounded memory).")] = False,
     device: Annotated[str | None, typer.Option(help="Where to fold, e.g. cuda.")] = None,
@@ -309,7 +312,8 @@ def fold_llm_command(
     if sum(x is not None for x in (ratio, target_sparsity, recipe)) != 1:
         _fail("give exactly one of --ratio, --target-sparsity or --recipe.")
     try:  # clustering settings only: the budget comes from the flags above
-        cfg = mf.FoldConfig(ratio=0.0, clusterer=clusterer, round_to=round_to)
+        cfg = mf.FoldConfig(ratio=0.0, clusterer=clusterer, round_to=round_to,
+                            allocation=allocation)
     except FoldError as exc:
         _fail(str(exc))
     if stream:

@@ -76,7 +76,8 @@ def fold_llm(
     return transform_llm(model, fold_selector_from_config(config), ratio=ratio,
                          target_sparsity=target_sparsity, parts=parts, recipe=recipe,
                          tolerance=config.sparsity_tolerance, inplace=inplace, device=device,
-                         method="fold", settings=config.to_dict(), round_to=config.round_to)
+                         method="fold", settings=config.to_dict(), round_to=config.round_to,
+                         allocation=config.allocation)
 
 
 def resolve_llm_config(config: FoldConfig | None, ratio: float | None,
@@ -106,6 +107,7 @@ def transform_llm(
     method: str = "fold",
     settings: dict[str, Any] | None = None,
     round_to: int = 1,
+    allocation: str = "uniform",
 ) -> nn.Module:
     """Shrink the layers of `model` with `selector`, which maps (part, layer index, layer,
     architecture, kept count) to a (mean_map, sum_map) pair. Shared by folding and pruning."""
@@ -113,6 +115,8 @@ def transform_llm(
     check_parameters(model)
     plan = plan_layers(model, arch, ratio=ratio, target_sparsity=target_sparsity, parts=parts,
                        recipe=recipe, tolerance=tolerance, round_to=round_to)
+    if allocation == "inertia":
+        plan = allocate_mlp(model, arch, plan, round_to)
     shapes, new_shapes, predicted = plan.shapes, plan.new_shapes, plan.params_after
 
     work = model if inplace else share_unchanged_copy(model)
@@ -184,6 +188,41 @@ def plan_layers(model: nn.Module, arch: DecoderArchitecture, *, ratio: float | N
                   for i, s in enumerate(shapes)]
     return LayerPlan(parts, ratios, uniform, shapes, new_shapes, count_parameters(model),
                      predicted_parameter_count(model, arch, new_shapes))
+
+
+def allocate_mlp(model: nn.Module, arch: DecoderArchitecture, plan: LayerPlan,
+                 round_to: int = 1) -> LayerPlan:
+    """`allocation="inertia"` for LLMs: the parameter count of `plan`, with the MLP widths of
+    the layers chosen by their Ward clustering-distortion curves on [gate | up | down^T]
+    (`modelfold.cluster.allocation`): layers whose channels are redundant fold harder."""
+    from dataclasses import replace
+
+    from modelfold.cluster.allocation import allocate, distortion_curve
+
+    if any(plan.ratios.get("attention", {}).values()):
+        raise FoldError("allocation='inertia' spreads MLP channels only; fold parts=('mlp',).")
+    layers = arch.layers(model)
+    curves, costs = {}, {}
+    for i, layer in enumerate(layers):
+        gate, up, down = arch.mlp_linears(layer)
+        if gate.weight.device.type == "meta":
+            raise FoldError("allocation='inertia' reads the MLP weights: load the model (it "
+                            "cannot be used with fold_checkpoint's streaming).")
+        features = torch.cat([gate.weight.float(), up.weight.float(), down.weight.float().T], 1)
+        curves[i] = distortion_curve(features)
+        costs[i] = features.shape[1] / plan.params_before  # parameters per channel (no bias)
+
+    def shapes(ks: dict[int, int]) -> list[LayerShape]:
+        return [replace(s, intermediate_size=ks[i]) for i, s in enumerate(plan.new_shapes)]
+
+    def count(ks: dict[int, int]) -> int:
+        return predicted_parameter_count(model, arch, shapes(ks))
+
+    ks = allocate(curves, costs, count, plan.params_after, round_to=round_to)
+    ratios = {**plan.ratios, "mlp": {i: 1 - ks[i] / s.intermediate_size
+                                     for i, s in enumerate(plan.shapes)}}
+    return LayerPlan(plan.parts, ratios, plan.uniform, plan.shapes, shapes(ks),
+                     plan.params_before, count(ks))
 
 
 def shrink_layer(arch: DecoderArchitecture, layer: nn.Module, index: int, selector,

@@ -120,6 +120,9 @@ def fold_checkpoint(
                         "folded ones are written.")
     config, ratio, target_sparsity = resolve_llm_config(config, ratio, target_sparsity, recipe,
                                                         seed)
+    if config.allocation != "uniform":
+        raise FoldError("fold_checkpoint: allocation='inertia' reads every layer's weights "
+                        "before folding; load the model and use modelfold.fold instead.")
     index = checkpoint_index(src)
     hf_config = AutoConfig.from_pretrained(src)
     with torch.device("meta"):
