@@ -489,7 +489,12 @@ def plot_rows(rows: list[dict], stem: Path) -> list[Path]:
                      if r["method"] != "dense"})
     for model, width, protocol in panels:
         fig, ax = plt.subplots(figsize=(8.0, 4.4))
-        for index, (method, label) in enumerate(LABELS.items()):
+        present = [m for m in LABELS if any((r["model"], r["width"], r["protocol"],
+                                             r["method"]) == (model, width, protocol, m)
+                                            for r in agg)]
+        colors = plt.cm.tab10 if len(present) <= 10 else plt.cm.tab20
+        for index, method in enumerate(present):
+            label = LABELS[method]
             pts = sorted((r for r in agg if (r["model"], r["width"], r["protocol"],
                                               r["method"]) == (model, width, protocol, method)),
                          key=lambda r: r["sparsity"])
@@ -497,7 +502,7 @@ def plot_rows(rows: list[dict], stem: Path) -> list[Path]:
                 ax.errorbar([100 * r["sparsity"] for r in pts],
                             [100 * r["accuracy"] for r in pts],
                             yerr=[100 * r["accuracy_std"] for r in pts], marker="o",
-                            markersize=4, capsize=2, label=label, color=plt.cm.tab20(index),
+                            markersize=4, capsize=2, label=label, color=colors(index),
                             ls="-" if method.startswith("fold") else
                             ":" if method.startswith("sp-") else "--")
         dense = [r for r in agg if (r["model"], r["width"], r["method"]) ==
