@@ -61,8 +61,8 @@ def fold(
         inplace: fold `model` itself instead of a copy (saves memory; if folding fails part way
             the model may be left partly folded, so keep a copy of anything you cannot rebuild).
         device: where to fold (the folded model stays there); defaults to the model's device.
-        repair: "none" (Fold-Naive, default), "data" (Fold-R), "approx" (Fold-AR) or
-            "deep_inversion" (Fold-DIR); see `modelfold.repair`.
+        repair: "none" (Fold-Naive, default), "data" (Fold-R), "approx" (Fold-AR),
+            "deep_inversion" (Fold-DIR) or "deep_inversion_debiased"; see `modelfold.repair`.
         calibration: input batches for repair="data" (a tensor, DataLoader or iterable).
 
     Returns:

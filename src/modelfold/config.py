@@ -45,7 +45,8 @@ class FoldConfig:
         seed: seed of the clustering (the result is deterministic for a given seed).
         sparsity_tolerance: allowed gap between achieved and target parameter sparsity.
         repair: "none" (Fold-Naive), "data" (Fold-R, needs `calibration`), "approx"
-            (Fold-AR, data-free) or "deep_inversion" (Fold-DIR).
+            (Fold-AR, data-free), "deep_inversion" (Fold-DIR) or "deep_inversion_debiased"
+            (Fold-DIR corrected by the original model's real-vs-synthetic statistics gap).
         calibration_samples: sample budget of "data" / "deep_inversion" repair.
         ar_correlation: how Fold-AR estimates activation correlations from weights:
             "calibrated" (default; cosines under an input covariance fitted to the BN
