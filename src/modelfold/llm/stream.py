@@ -120,6 +120,9 @@ def fold_checkpoint(
                         "folded ones are written.")
     config, ratio, target_sparsity = resolve_llm_config(config, ratio, target_sparsity, recipe,
                                                         seed)
+    if config.repair != "none":
+        raise FoldError("fold_checkpoint: repair='self_generated' runs the whole model; load "
+                        "the model and use modelfold.fold instead.")
     if config.allocation != "uniform":
         raise FoldError("fold_checkpoint: allocation='inertia' reads every layer's weights "
                         "before folding; load the model and use modelfold.fold instead.")

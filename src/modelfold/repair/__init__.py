@@ -168,3 +168,15 @@ class DebiasedDeepInversionRepair(DeepInversionRepair):
 
 __all__ = ["DeepInversionConfig", "Repair", "get_repair", "register_repair", "repair_names",
            "synthesize"]
+
+
+@register_repair
+class SelfGeneratedRepair(Repair):
+    """The LLM repair (`modelfold.llm.repair`); listed here so that FoldConfig accepts it."""
+
+    name = "self_generated"
+
+    def before_plan(self, work, discovery, config) -> None:
+        raise FoldError("repair='self_generated' is the repair of Hugging Face causal LMs "
+                        "(text the model generates itself); for this model use "
+                        "'deep_inversion_debiased' or 'deep_inversion'.")
