@@ -71,13 +71,12 @@ def fold(
     if _is_llm(model, example_inputs):
         from modelfold.llm import fold_llm
 
-        llm_repairs = (None, "none", "self_generated")
-        if repair not in llm_repairs or module_ratios or calibration is not None:
+        if module_ratios or calibration is not None:
             raise FoldError("LLM folding takes `ratio`, `target_sparsity` or `recipe`, `parts`, "
                             "`config`, `seed`, `inplace`, `device`, `repair` ('none' or "
-                            "'self_generated'); `module_ratios`, `calibration` and the other "
-                            "repairs apply to the graph-based path only.")
-        if repair not in (None, "none"):
+                            "'self_generated'); `module_ratios` and `calibration` apply to the "
+                            "graph-based path only.")
+        if repair is not None:  # fold_llm validates it with the rest of the config
             base = config.to_dict() if config is not None else FoldConfig(ratio=0.0).to_dict()
             config = FoldConfig.from_dict({**base, "repair": repair})
         return fold_llm(model, ratio=ratio, target_sparsity=target_sparsity, parts=parts,
@@ -216,11 +215,11 @@ def make_plan(discovery: GroupDiscovery, config: FoldConfig, ratio: float,
     """Cluster every foldable group (all on the unmodified weights) into its k clusters: `ks`
     (group name -> k) when given, else the uniform ratio's."""
     plan = FoldPlan(ratio=ratio)
-    uniform = uniform_clusters(discovery, config, ratio) if ks is None else ks
+    kept = uniform_clusters(discovery, config, ratio) if ks is None else ks
     for group in discovery.groups:
         if not group.foldable:
             continue
-        k = uniform.get(group.name, group.n)
+        k = kept.get(group.name, group.n)
         if k == group.n:
             continue
         x = group_features(group, features=config.features,

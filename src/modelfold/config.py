@@ -15,7 +15,8 @@ from modelfold.repair.deep_inversion import DeepInversionConfig
 CONFIG_VERSION = 1
 
 Clusterer = Literal["kmeans", "hartigan", "ward"]
-RepairName = Literal["none", "data", "approx", "deep_inversion"]
+RepairName = Literal["none", "data", "approx", "deep_inversion", "deep_inversion_debiased",
+                     "self_generated"]
 FeatureSet = Literal["full", "producer"]
 
 

@@ -83,13 +83,12 @@ def _assign(
     matrix is never materialised whole (LLaMA-70B MLP: 28672 x 17000 would be 2 GB)."""
     n, k = x.shape[0], centers.shape[0]
     step = max(1, _CHUNK_ELEMENTS // max(k, 1))
-    c_sq = (centers * centers).sum(1)
     labels = torch.empty(n, dtype=torch.long, device=x.device)
     dist = torch.empty(n, dtype=x.dtype, device=x.device)
     for lo in range(0, n, step):
-        block = x_sq[lo : lo + step, None] - 2.0 * (x[lo : lo + step] @ centers.T) + c_sq
-        dist[lo : lo + step], labels[lo : lo + step] = block.min(1)
-    return labels, dist.clamp_min_(0)
+        rows = slice(lo, lo + step)
+        dist[rows], labels[rows] = _sq_dists(x[rows], x_sq[rows], centers).min(1)
+    return labels, dist
 
 
 def _lloyd(
@@ -143,16 +142,13 @@ def _hartigan(
     n = x.shape[0]
     step = max(1, _CHUNK_ELEMENTS // k)
     for _ in range(max_rounds):
-        counts = torch.bincount(labels, minlength=k).to(x.dtype)
-        centers = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
-        centers = centers.index_add_(0, labels, x) / counts[:, None]
-        c_sq = (centers * centers).sum(1)
+        centers, counts = _centroids(x, labels, k)
         add_scale = counts / (counts + 1)
         gain = torch.empty(n, dtype=x.dtype, device=x.device)
         target = torch.empty(n, dtype=torch.long, device=x.device)
         for lo in range(0, n, step):
             rows = slice(lo, lo + step)
-            d = (x_sq[rows, None] - 2.0 * (x[rows] @ centers.T) + c_sq).clamp_min_(0)
+            d = _sq_dists(x[rows], x_sq[rows], centers)
             own_label = labels[rows, None]
             own = d.gather(1, own_label).squeeze(1)
             n_own = counts[labels[rows]]
@@ -178,10 +174,16 @@ def _hartigan(
     return labels
 
 
-def _inertia(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+def _centroids(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor,
+                                                                        torch.Tensor]:
+    """(k, d) cluster means and (k,) cluster sizes (all clusters non-empty)."""
     counts = torch.bincount(labels, minlength=k).to(x.dtype)
-    centers = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
-    centers = centers.index_add_(0, labels, x) / counts[:, None]
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    return sums / counts[:, None], counts
+
+
+def _inertia(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    centers, _ = _centroids(x, labels, k)
     return float(((x - centers[labels]) ** 2).sum())
 
 

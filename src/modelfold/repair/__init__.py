@@ -94,13 +94,10 @@ def data_repair(original: nn.Module, folded: nn.Module, discovery: GroupDiscover
     targets = {}
     for name, labels in producers.items():
         mean, std = measured[name]
-        lab = torch.tensor(labels)
+        lab = torch.tensor(labels, device=mean.device)
         k = int(lab.max()) + 1
-        sizes = torch.bincount(lab, minlength=k).double()
-        targets[name] = (
-            torch.zeros(k, dtype=mean.dtype).index_add_(0, lab, mean) / sizes,
-            torch.zeros(k, dtype=std.dtype).index_add_(0, lab, std) / sizes,
-        )
+        targets[name] = (statistics.cluster_mean(mean, lab, k),
+                         statistics.cluster_mean(std, lab, k))
     statistics.repair_channels(folded, targets, data)
 
 

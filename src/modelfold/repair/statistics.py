@@ -178,16 +178,17 @@ def debias_batchnorm(original: nn.Module, folded: nn.Module, members: dict[str, 
         k = bn.num_features
         if labels.numel() != real.num_features or int(labels.max()) + 1 != k:
             continue
-        shift = _cluster_mean(real.running_mean - syn.running_mean, labels, k)
-        scale = (_cluster_mean(real.running_var, labels, k)
-                 / _cluster_mean(syn.running_var, labels, k).clamp_min(1e-12))
+        shift = cluster_mean(real.running_mean - syn.running_mean, labels, k)
+        scale = (cluster_mean(real.running_var, labels, k)
+                 / cluster_mean(syn.running_var, labels, k).clamp_min(1e-12))
         bn.running_mean.add_(shift.to(bn.running_mean.dtype))
         bn.running_var.mul_(scale.to(bn.running_var.dtype))
         done += 1
     return done
 
 
-def _cluster_mean(values: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+def cluster_mean(values: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-cluster average (float64) of per-channel `values` under `labels` (n,) in [0, k)."""
     sizes = torch.bincount(labels, minlength=k).double()
     out = torch.zeros(k, dtype=torch.float64, device=values.device)
     return out.index_add_(0, labels, values.double()) / sizes
