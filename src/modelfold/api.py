@@ -84,6 +84,11 @@ def fold(
     if recipe is not None:
         raise FoldError("`recipe` applies to Hugging Face LLMs; use `module_ratios` here.")
     config = _resolve_config(config, ratio, target_sparsity, seed, module_ratios, repair)
+    if config.clusterer == "activation" or config.allocation == "sensitivity":
+        raise FoldError(f"clusterer={config.clusterer!r} / allocation={config.allocation!r}: "
+                        "'activation' and 'sensitivity' run a Hugging Face causal LM on text it "
+                        "generates itself; for this model use clusterer 'kmeans', 'hartigan' or "
+                        "'ward' and allocation 'uniform' or 'inertia'.")
     repairer = get_repair(config.repair)
     if not isinstance(model, nn.Module):
         raise FoldError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")

@@ -289,15 +289,21 @@ def fold_llm_command(
     parts: Annotated[str, typer.Option(help="Comma-separated: mlp, attention.")] = "mlp",
     seed: Annotated[int | None, typer.Option(help="Clustering seed (default 0).")] = None,
     clusterer: Annotated[str, typer.Option(
-        help="kmeans, hartigan (k-means + Hartigan moves: lower inertia) or ward.")] = "kmeans",
+        help="kmeans, hartigan (k-means + Hartigan moves: lower inertia), ward or activation "
+             "(MLP channels clustered by their outputs on text the model generates itself)."
+    )] = "kmeans",
     round_to: Annotated[int, typer.Option(
         help="Round kept MLP widths to multiples of this (8 or 64 for fast GPU kernels).")] = 1,
     allocation: Annotated[str, typer.Option(
-        help="uniform (same MLP ratio in every layer) or inertia (same parameter count spread "
-             "over the layers by clustering distortion).")] = "uniform",
+        help="uniform (same MLP ratio in every layer), inertia (same parameter count spread "
+             "over the layers by clustering distortion) or sensitivity (layers whose output "
+             "error on self-generated text is over twice the median stay whole).")] = "uniform",
     repair: Annotated[str, typer.Option(
         help="none or self_generated (least-squares refit of the folded down projections on "
              "text the model generates itself; no external data).")] = "none",
+    self_calibrated: Annotated[bool, typer.Option(
+        help="The data-free recipe that survives on small LLMs: --clusterer activation "
+             "--allocation sensitivity --repair self_generated.")] = False,
     stream: Annotated[bool, typer.Option(
         help="Fold layer by layer from the safetensors shards (bounded memory).")] = False,
     device: Annotated[str | None, typer.Option(help="Where to fold, e.g. cuda.")] = None,
@@ -314,6 +320,8 @@ def fold_llm_command(
     part_list = [p.strip() for p in parts.split(",") if p.strip()]
     if sum(x is not None for x in (ratio, target_sparsity, recipe)) != 1:
         _fail("give exactly one of --ratio, --target-sparsity or --recipe.")
+    if self_calibrated:
+        clusterer, allocation, repair = "activation", "sensitivity", "self_generated"
     try:  # clustering settings only: the budget comes from the flags above
         cfg = mf.FoldConfig(ratio=0.0, clusterer=clusterer, round_to=round_to,
                             allocation=allocation, repair=repair)

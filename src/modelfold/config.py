@@ -14,7 +14,7 @@ from modelfold.repair.deep_inversion import DeepInversionConfig
 
 CONFIG_VERSION = 1
 
-Clusterer = Literal["kmeans", "hartigan", "ward"]
+Clusterer = Literal["kmeans", "hartigan", "ward", "activation"]
 RepairName = Literal["none", "data", "approx", "deep_inversion", "deep_inversion_debiased",
                      "self_generated"]
 FeatureSet = Literal["full", "producer"]
@@ -32,14 +32,18 @@ class FoldConfig:
         module_ratios: per-module overrides, module name (as in `named_modules`) -> ratio. A group
             takes the override of its root module (the first producer in the group).
         clusterer: "kmeans" (Lloyd, k-means++ init), "hartigan" (k-means followed by Hartigan
-            single-point moves: lower inertia) or "ward" (agglomerative, Ward linkage).
+            single-point moves: lower inertia), "ward" (agglomerative, Ward linkage) or, for
+            Hugging Face LLMs only, "activation" (MLP channels clustered by their outputs on
+            text the model generates itself; see `modelfold.llm.repair`).
         features: "full" = producer rows + consumer columns (reference R1 semantics),
             "producer" = producer rows only.
         normalize_blocks: scale every tensor block of a feature vector to unit Frobenius norm
             so large tensors do not dominate the distance.
         allocation: "uniform" (every group loses the same fraction: the paper) or "inertia"
             (same parameter count as the uniform ratio / target, spread over the groups by
-            their Ward clustering-distortion curves: redundant groups fold harder).
+            their Ward clustering-distortion curves: redundant groups fold harder) or, for LLMs
+            only, "sensitivity" (MLPs whose output error on self-generated text is over twice
+            the median keep all channels; the other layers share the same budget).
         round_to: kept channel counts are rounded to a multiple of this (1 = the paper's exact
             k; 8 or 64 let GPU kernels run at full speed on the folded shapes).
         n_init, max_iter, tol: k-means restarts, Lloyd iterations and relative-shift tolerance.
@@ -47,7 +51,9 @@ class FoldConfig:
         sparsity_tolerance: allowed gap between achieved and target parameter sparsity.
         repair: "none" (Fold-Naive), "data" (Fold-R, needs `calibration`), "approx"
             (Fold-AR, data-free), "deep_inversion" (Fold-DIR) or "deep_inversion_debiased"
-            (Fold-DIR corrected by the original model's real-vs-synthetic statistics gap).
+            (Fold-DIR corrected by the original model's real-vs-synthetic statistics gap);
+            for LLMs "self_generated" (least-squares refit of the folded down projections on
+            text the model generates itself).
         calibration_samples: sample budget of "data" / "deep_inversion" repair.
         ar_correlation: how Fold-AR estimates activation correlations from weights:
             "calibrated" (default; cosines under an input covariance fitted to the BN
@@ -64,7 +70,7 @@ class FoldConfig:
     clusterer: Clusterer = "kmeans"
     features: FeatureSet = "full"
     normalize_blocks: bool = False
-    allocation: Literal["uniform", "inertia"] = "uniform"
+    allocation: Literal["uniform", "inertia", "sensitivity"] = "uniform"
     round_to: int = 1
     n_init: int = 3
     max_iter: int = 100
@@ -92,12 +98,12 @@ class FoldConfig:
             check_ratio(self.target_sparsity, "target_sparsity")
         for name, r in self.module_ratios.items():
             check_ratio(r, f"module_ratios[{name!r}]")
-        if self.clusterer not in ("kmeans", "hartigan", "ward"):
+        if self.clusterer not in ("kmeans", "hartigan", "ward", "activation"):
             raise FoldError(f"FoldConfig.clusterer={self.clusterer!r} is unknown; use 'kmeans', "
-                            "'hartigan' or 'ward'.")
-        if self.allocation not in ("uniform", "inertia"):
+                            "'hartigan', 'ward' or (LLMs) 'activation'.")
+        if self.allocation not in ("uniform", "inertia", "sensitivity"):
             raise FoldError(f"FoldConfig.allocation={self.allocation!r} is unknown; use "
-                            "'uniform' or 'inertia'.")
+                            "'uniform', 'inertia' or (LLMs) 'sensitivity'.")
         if self.features not in ("full", "producer"):
             raise FoldError(
                 f"FoldConfig.features={self.features!r} is unknown; use 'full' or 'producer'."

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -76,21 +77,54 @@ def fold_llm(
     if config.repair not in ("none", "self_generated"):
         raise FoldError(f"repair={config.repair!r} applies to the graph-based path; LLM folding "
                         "takes repair='none' or 'self_generated'.")
-    if config.repair == "self_generated" and inplace:
-        raise FoldError("repair='self_generated' compares the folded layers with the original "
-                        "ones; it cannot fold in place.")
-    work = transform_llm(model, fold_selector_from_config(config), ratio=ratio,
-                         target_sparsity=target_sparsity, parts=parts, recipe=recipe,
-                         tolerance=config.sparsity_tolerance, inplace=inplace, device=device,
-                         method="fold", settings=config.to_dict(), round_to=config.round_to,
-                         allocation=config.allocation)
-    if config.repair == "self_generated":
-        from modelfold.llm.repair import least_squares_repair, self_generated_tokens
+    selector = fold_selector_from_config(config)
+    allocation: str | Callable[[LayerPlan], LayerPlan] = config.allocation
+    if self_calibrated(config):
+        if inplace:
+            raise FoldError(f"{_calibrated_options(config)} compare(s) the folded layers with "
+                            "the original ones; it cannot fold in place.")
+        from modelfold.llm.repair import CalibratedSelector, self_generated_tokens
 
+        arch = architecture_of(model)
         tokens = self_generated_tokens(model, seed=config.seed)  # the original's own text
-        tokens = tokens.to(next(work.parameters()).device)
-        least_squares_repair(model, work, architecture_of(work), tokens)
-    return work
+        if config.allocation == "sensitivity":
+            allocation = partial(protect_sensitive_layers, model, arch, tokens, config.round_to)
+        selector = CalibratedSelector(model, arch, tokens, repair=config.repair != "none",
+                                      base=None if config.clusterer == "activation" else selector)
+    return transform_llm(model, selector, ratio=ratio, target_sparsity=target_sparsity,
+                         parts=parts, recipe=recipe, tolerance=config.sparsity_tolerance,
+                         inplace=inplace, device=device, method="fold",
+                         settings=config.to_dict(), round_to=config.round_to,
+                         allocation=allocation)
+
+
+def self_calibrated(config: FoldConfig) -> bool:
+    """Whether folding with `config` runs the model on text it generates itself."""
+    return bool(_calibrated_options(config))
+
+
+def _calibrated_options(config: FoldConfig) -> str:
+    options = [f"{name}={value!r}" for name, value, on in (
+        ("clusterer", config.clusterer, config.clusterer == "activation"),
+        ("repair", config.repair, config.repair == "self_generated"),
+        ("allocation", config.allocation, config.allocation == "sensitivity")) if on]
+    return ", ".join(options)
+
+
+def protect_sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor,
+                             round_to: int, plan: LayerPlan) -> LayerPlan:
+    """`allocation="sensitivity"`: `plan` with its most sensitive MLPs kept whole and their
+    channels taken from the other layers (`modelfold.llm.repair.sensitive_layers`)."""
+    from modelfold.llm.repair import protect, sensitive_layers
+
+    if any(plan.ratios.get("attention", {}).values()):
+        raise FoldError("allocation='sensitivity' spreads MLP channels only; fold "
+                        "parts=('mlp',).")
+    kept = [s.intermediate_size for s in plan.new_shapes]
+    widths = [s.intermediate_size for s in plan.shapes]
+    protected = sensitive_layers(model, arch, tokens[: max(1, tokens.shape[0] // 2)], kept)
+    return with_mlp_widths(model, arch, plan, dict(enumerate(
+        protect(kept, widths, protected, round_to))))
 
 
 def resolve_llm_config(config: FoldConfig | None, ratio: float | None,
@@ -120,7 +154,7 @@ def transform_llm(
     method: str = "fold",
     settings: dict[str, Any] | None = None,
     round_to: int = 1,
-    allocation: str = "uniform",
+    allocation: str | Callable[[LayerPlan], LayerPlan] = "uniform",
 ) -> nn.Module:
     """Shrink the layers of `model` with `selector`, which maps (part, layer index, layer,
     architecture, kept count) to a (mean_map, sum_map) pair. Shared by folding and pruning."""
@@ -130,6 +164,8 @@ def transform_llm(
                        recipe=recipe, tolerance=tolerance, round_to=round_to)
     if allocation == "inertia":
         plan = allocate_mlp(model, arch, plan, round_to)
+    elif callable(allocation):
+        plan = allocation(plan)
     shapes, new_shapes, predicted = plan.shapes, plan.new_shapes, plan.params_after
 
     work = model if inplace else share_unchanged_copy(model)
@@ -208,8 +244,6 @@ def allocate_mlp(model: nn.Module, arch: DecoderArchitecture, plan: LayerPlan,
     """`allocation="inertia"` for LLMs: the parameter count of `plan`, with the MLP widths of
     the layers chosen by their Ward clustering-distortion curves on [gate | up | down^T]
     (`modelfold.cluster.allocation`): layers whose channels are redundant fold harder."""
-    from dataclasses import replace
-
     from modelfold.cluster.allocation import allocate, distortion_curve
 
     if any(plan.ratios.get("attention", {}).values()):
@@ -225,17 +259,21 @@ def allocate_mlp(model: nn.Module, arch: DecoderArchitecture, plan: LayerPlan,
         curves[i] = distortion_curve(features)
         costs[i] = features.shape[1] / plan.params_before  # parameters per channel (no bias)
 
-    def shapes(ks: dict[int, int]) -> list[LayerShape]:
-        return [replace(s, intermediate_size=ks[i]) for i, s in enumerate(plan.new_shapes)]
-
     def count(ks: dict[int, int]) -> int:
-        return predicted_parameter_count(model, arch, shapes(ks))
+        return with_mlp_widths(model, arch, plan, ks).params_after
 
     ks = allocate(curves, costs, count, plan.params_after, round_to=round_to)
+    return with_mlp_widths(model, arch, plan, ks)
+
+
+def with_mlp_widths(model: nn.Module, arch: DecoderArchitecture, plan: LayerPlan,
+                    ks: dict[int, int]) -> LayerPlan:
+    """`plan` with the MLP of layer i kept at ks[i] channels."""
+    shapes = [replace(s, intermediate_size=ks[i]) for i, s in enumerate(plan.new_shapes)]
     ratios = {**plan.ratios, "mlp": {i: 1 - ks[i] / s.intermediate_size
                                      for i, s in enumerate(plan.shapes)}}
-    return LayerPlan(plan.parts, ratios, plan.uniform, plan.shapes, shapes(ks),
-                     plan.params_before, count(ks))
+    return LayerPlan(plan.parts, ratios, plan.uniform, plan.shapes, shapes,
+                     plan.params_before, predicted_parameter_count(model, arch, shapes))
 
 
 def shrink_layer(arch: DecoderArchitecture, layer: nn.Module, index: int, selector,
@@ -243,7 +281,7 @@ def shrink_layer(arch: DecoderArchitecture, layer: nn.Module, index: int, select
     """Rebuild one decoder layer to `new` with the maps `selector` chooses."""
     if new.intermediate_size != old.intermediate_size:
         maps = selector("mlp", index, layer, arch, new.intermediate_size)
-        _rebuild_mlp(arch, layer, *maps, device)
+        _rebuild_mlp(arch, layer, *maps, device=device)
     if new.num_attention_heads != old.num_attention_heads:
         maps = selector("attention", index, layer, arch, new.num_attention_heads)
         _rebuild_attention(arch, layer, *maps, new, device)
@@ -445,12 +483,18 @@ def _new_linear(old: nn.Linear, mean_map: torch.Tensor | None, sum_map: torch.Te
 
 
 def _rebuild_mlp(arch: DecoderArchitecture, layer: nn.Module, mean_map: torch.Tensor,
-                 sum_map: torch.Tensor, device) -> None:
+                 sum_map: torch.Tensor, down_weight: torch.Tensor | None = None, *,
+                 device) -> None:
+    """Gate/up rows mixed by `mean_map`, down columns by `sum_map` - or, when a selector
+    refitted it, the down projection's weight `down_weight` (hidden, k) itself."""
     mlp = layer.get_submodule(arch.mlp)
     gate, up, down = arch.mlp_linears(layer)
     setattr(mlp, arch.gate, _new_linear(gate, mean_map, None, device))
     setattr(mlp, arch.up, _new_linear(up, mean_map, None, device))
-    setattr(mlp, arch.down, _new_linear(down, None, sum_map, device))
+    new_down = _new_linear(down, None, sum_map, device)
+    if down_weight is not None:
+        new_down.weight.copy_(down_weight)
+    setattr(mlp, arch.down, new_down)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = mean_map.shape[0]
 
@@ -513,7 +557,7 @@ def resize_layers(model: nn.Module, shapes: list[LayerShape]) -> None:
             old = layer_shape(arch, layer)
             if new.intermediate_size != old.intermediate_size:
                 keep = torch.arange(new.intermediate_size)
-                _rebuild_mlp(arch, layer, *selection_maps(keep, old.intermediate_size), None)
+                _rebuild_mlp(arch, layer, *selection_maps(keep, old.intermediate_size), device=None)
             if (new.num_attention_heads, new.num_key_value_heads) != (
                     old.num_attention_heads, old.num_key_value_heads):
                 if new.num_key_value_heads == old.num_key_value_heads:

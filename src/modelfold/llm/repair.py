@@ -1,15 +1,27 @@
-"""Data-free repair of folded LLM MLPs on text the model generates itself.
+"""Data-free folding of LLM MLPs calibrated on text the model generates itself.
 
-Merging SwiGLU channels (mean gate/up rows, summed down columns) is exact only for identical
-channels; otherwise every layer's MLP output drifts and the drift compounds over the layers.
-`repair="self_generated"` samples text from the model itself (no external data), then, layer by
-layer in order, refits the folded down projection by ridge least squares so that on the inputs
-the already-repaired folded model produces, the folded MLP reproduces the original MLP's output:
+No external data: `self_generated_tokens` samples short texts from the model, starting at its BOS
+token; the BOS is then dropped so that, as in ordinary use, the first token of every sequence is a
+plain text token (the attention sink). `CalibratedSelector` walks the decoder layer by layer on
+those tokens, each layer seeing the output of the layers already folded, and per SwiGLU MLP:
 
-    D' = argmin ||A D_o^T - B D'^T||^2 + lam * mean(diag(B^T B)) * ||D'||^2
-
-A = original SwiGLU activations (N x n), B = folded ones (N x k), both on the folded model's
-inputs. Only the down projection changes (gate/up keep the merged rows).
+* `clusterer="activation"`: the channels' outputs z_j d_j^T are compared on the calibration
+  tokens, each token weighted by 1 / ||h_t||^2 (h_t = the residual stream after the layer), so
+  that the few massive-activation tokens do not decide alone. The k channels with the largest
+  weighted contribution sqrt(G_jj) ||d_j|| (G = Z_w^T Z_w) are the cluster centres; every other
+  channel joins the centre its activation is most correlated with, and folds into it: the
+  centre keeps its gate/up rows and its down column absorbs alpha_j d_j with
+  alpha_j = G_jc / G_cc (least-squares scale of z_j on z_c). Merging mean gate/up rows, as weight
+  clustering does, would create a new channel whose SwiGLU output none of the members had.
+* `repair="self_generated"` (any clusterer): the folded down projection D_f is refitted by
+  weighted ridge least squares towards the original layer's output, shrunk towards the merge:
+      D' = argmin ||W^1/2 (Z D_o^T - B D'^T)||^2 + lam * mean(diag(B_w^T B_w)) * ||D' - D_f||^2
+  (B = the folded layer's SwiGLU activations). Shrinking towards D_f rather than 0 keeps the fit
+  from over-trusting the model's own text.
+* `allocation="sensitivity"`: before folding, one pass at the uniform ratio measures every
+  layer's relative output error mean_t ||e_t||^2 / ||h_t||^2; layers above twice the median keep
+  all their channels and the others share the same total of removed channels (on SmolLM2 this
+  protects exactly layer 0, whose MLP the data-free weight criteria destroy).
 """
 
 from __future__ import annotations
@@ -20,77 +32,277 @@ from torch import nn
 from modelfold.errors import FoldError
 from modelfold.llm.architectures import DecoderArchitecture
 
+SEQUENCES, LENGTH = 16, 128  # 2048 self-generated calibration tokens
+RIDGE = 1.0  # shrinkage towards the merged down projection (relative to mean(diag(gram)))
+PROTECT_FACTOR = 2.0  # allocation="sensitivity": protect layers above this x median error
+
 
 class _Captured(Exception):
-    """Raised by a hook to stop the forward pass once the wanted input is captured."""
+    """Raised by a hook to stop a layer once the wanted input is captured."""
 
 
 @torch.no_grad()
-def self_generated_tokens(model: nn.Module, *, sequences: int = 16, length: int = 256,
-                          seed: int = 0) -> torch.Tensor:
-    """(sequences, length + 1) token ids sampled by `model` from its BOS token (top-p 0.95);
-    `length` is capped by the model's context (max_position_embeddings - 1)."""
+def self_generated_tokens(model: nn.Module, *, sequences: int | None = None,
+                          length: int | None = None, seed: int = 0) -> torch.Tensor:
+    """(sequences, length) token ids sampled by `model` from its BOS token (or, without one,
+    its end-of-text token: the document separator) at temperature 0.7, top-p 0.95; the start
+    token itself is removed. `length` is capped by the model's context."""
+    eos = getattr(model.config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) else eos
     start = getattr(model.config, "bos_token_id", None)
+    start = eos if start is None else start
     if start is None:
-        raise FoldError("repair='self_generated' starts generation from the BOS token, but "
-                        "model.config.bos_token_id is not set.")
+        raise FoldError("self-generated calibration starts generation from the BOS (or EOS) "
+                        "token, but model.config sets neither bos_token_id nor eos_token_id.")
+    sequences, length = sequences or SEQUENCES, length or LENGTH
     device = next(model.parameters()).device
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None:
         length = min(length, int(context) - 1)
     prompt = torch.full((sequences, 1), int(start), dtype=torch.long, device=device)
-    eos = getattr(model.config, "eos_token_id", None)
-    eos = eos[0] if isinstance(eos, list) else eos
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                              max_new_tokens=length, min_new_tokens=length, do_sample=True,
-                              top_p=0.95, temperature=1.0,
-                              pad_token_id=int(eos if eos is not None else start))
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                             max_new_tokens=length, min_new_tokens=length, do_sample=True,
+                             top_p=0.95, temperature=0.7,
+                             pad_token_id=int(eos if eos is not None else start))
+    return out[:, 1:]
 
 
-def _mlp_input(model: nn.Module, mlp: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    found: list[torch.Tensor] = []
+class LayerStepper:
+    """Runs a decoder one layer at a time on fixed tokens (the GPTQ-style 'catcher'): the
+    hidden states and keyword arguments (rotary embeddings, mask) entering layer 0 are captured
+    once; `mlp_input` returns a layer's MLP input and the residual stream before its MLP."""
 
-    def hook(module, inputs):
-        found.append(inputs[0].reshape(-1, inputs[0].shape[-1]).detach())
-        raise _Captured
+    def __init__(self, model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor):
+        self.arch, self.layers = arch, list(arch.layers(model))
+        got: dict = {}
 
-    handle = mlp.register_forward_pre_hook(hook)
-    try:
-        model(tokens)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return found[0]
+        def catch(_module, args, kwargs):
+            got["h"] = args[0] if args else kwargs.pop("hidden_states")
+            got["kwargs"] = kwargs
+            raise _Captured
+
+        handle = self.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            model(tokens.to(next(model.parameters()).device))
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        if "h" not in got:
+            raise FoldError(f"{type(model).__name__}: the first decoder layer was never called.")
+        self.hidden, self.kwargs, self.index = got["h"], got["kwargs"], 0
+        self._mlp_only: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def _run(self, layer: nn.Module) -> torch.Tensor:
+        out = layer(self.hidden, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def attention_changed(self, index: int) -> None:
+        """Layer `index`'s attention was rebuilt after its MLP input was captured."""
+        if self._mlp_only is not None and self._mlp_only[0] == index:
+            self._mlp_only = None
+
+    def _advance(self) -> None:
+        layer = self.layers[self.index]
+        if self._mlp_only is not None and self._mlp_only[0] == self.index:
+            # only the MLP changed since the capture: the layer output is residual + MLP(x)
+            _, x, residual = self._mlp_only
+            out = residual + layer.get_submodule(self.arch.mlp)(x)
+            self.hidden = out.reshape(self.hidden.shape)
+        else:
+            self.hidden = self._run(layer)
+        self._mlp_only = None
+        self.index += 1
+
+    def mlp_input(self, index: int, layer: nn.Module | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual): layer `index`'s MLP input and the stream it is added to, both
+        (tokens, hidden). `layer` replaces the decoder's layer `index` from now on (the folded
+        copy, rebuilt in place after this call); the layers before `index` run as they are
+        now, i.e. already folded."""
+        if index < self.index:
+            raise FoldError(f"layer {index} was asked for after layer {self.index}: calibrated "
+                            "folding visits the layers in order.")
+        while self.index < index:
+            self._advance()
+        if layer is not None:
+            self.layers[index] = layer
+        layer = self.layers[index]
+        got: dict = {}
+
+        def catch(_module, args):
+            got["x"] = args[0]
+            raise _Captured
+
+        def residual(_module, args):  # the residual stream enters the MLP's own norm
+            got["residual"] = args[0]
+
+        mlp = layer.get_submodule(self.arch.mlp)
+        handles = [mlp.register_forward_pre_hook(catch)]
+        norm = _pre_mlp_norm(layer)
+        if norm is not None:
+            handles.append(norm.register_forward_pre_hook(residual))
+        try:
+            self._run(layer)
+        except _Captured:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        x = got["x"].reshape(-1, got["x"].shape[-1])
+        if "residual" not in got:
+            raise FoldError(f"layer {index}: no post-attention norm found before the MLP; "
+                            "calibrated LLM folding needs the pre-norm residual layout.")
+        residual = got["residual"].reshape(x.shape[0], -1)
+        self._mlp_only = (index, x, residual)
+        return x, residual
 
 
-def _activations(x: torch.Tensor, arch: DecoderArchitecture, layer: nn.Module) -> torch.Tensor:
-    gate, up, _ = arch.mlp_linears(layer)
-    act = layer.mlp.act_fn if hasattr(layer.mlp, "act_fn") else nn.functional.silu
-    return act(x @ gate.weight.double().T) * (x @ up.weight.double().T)
+def _pre_mlp_norm(layer: nn.Module) -> nn.Module | None:
+    for name in ("post_attention_layernorm", "pre_feedforward_layernorm"):
+        if hasattr(layer, name):
+            return getattr(layer, name)
+    return None
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
+    return act(x @ gate.T) * (x @ up.T)
+
+
+class CalibratedSelector:
+    """The selector of `transform_llm` for self-calibrated folding (see the module docstring).
+    Layers are visited in order; MLP channels are clustered by `base` (a weight-clustering
+    selector) or, when it is None, by their activations; `repair` refits the down projections."""
+
+    def __init__(self, model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor, *,
+                 base=None, repair: bool = False, ridge: float = RIDGE):
+        self.stepper = LayerStepper(model, arch, tokens)
+        self.base, self.repair, self.ridge = base, repair, ridge
+
+    def __call__(self, part: str, index: int, layer: nn.Module, arch: DecoderArchitecture,
+                 k: int):
+        if part != "mlp":
+            self.stepper.attention_changed(index)
+            if self.base is None:
+                raise FoldError("clusterer='activation' folds MLP channels; fold "
+                                "parts=('mlp',) or use a weight clusterer for attention.")
+            return self.base(part, index, layer, arch, k)
+        gate, up, down = (m.weight for m in arch.mlp_linears(layer))
+        act = _activation_fn(layer, arch)
+        x, residual = self.stepper.mlp_input(index, layer)
+        x = x.to(gate.device, torch.float32)
+        z = swiglu(x, gate.float(), up.float(), act)
+        target = z @ down.float().T
+        weights = 1.0 / (residual.to(z.device).float() + target).norm(dim=1).clamp_min(1e-6)
+        zw = z * weights[:, None]
+        if self.base is None:
+            gram = (zw.T @ zw).double()
+            mean_map, sum_map, folded_down, centres = activation_fold(gram, down.float(), k)
+            if self.repair:  # the folded channels are the centres: reuse their Gram rows
+                folded_down = ridge_refit(gram[centres][:, centres],
+                                          gram[centres] @ down.double().T, folded_down,
+                                          self.ridge)
+            return mean_map, sum_map, folded_down
+        mean_map, sum_map = self.base(part, index, layer, arch, k)
+        folded_down = down.float() @ sum_map.to(down.device).T
+        if self.repair:
+            mean_map = mean_map.to(x.device)
+            bw = swiglu(x, mean_map @ gate.float(), mean_map @ up.float(), act) * weights[:, None]
+            folded_down = ridge_refit((bw.T @ bw).double(), (bw.T @ (target * weights[:, None]))
+                                      .double(), folded_down, self.ridge)
+        return mean_map, sum_map, folded_down
+
+
+def _activation_fn(layer: nn.Module, arch: DecoderArchitecture):
+    mlp = layer.get_submodule(arch.mlp)
+    return getattr(mlp, "act_fn", nn.functional.silu)
+
+
+def activation_fold(gram: torch.Tensor, down: torch.Tensor, k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean_map (k, n), sum_map (k, n), folded down (hidden, k), centres (k,)) from the Gram
+    matrix (n, n) of the token-weighted SwiGLU activations: centres = the k largest weighted
+    contributions sqrt(G_jj) ||d_j||, every other channel folded into its most correlated
+    centre with its least-squares scale G_jc / G_cc."""
+    n = gram.shape[0]
+    energy = gram.diagonal().clamp_min(1e-30)
+    score = energy.sqrt() * down.double().norm(dim=0)
+    centres = torch.topk(score, k).indices.sort().values
+    is_centre = torch.zeros(n, dtype=torch.bool, device=gram.device)
+    is_centre[centres] = True
+    members = (~is_centre).nonzero().flatten()
+    cross = gram[members][:, centres]  # (n - k, k)
+    corr = cross / (energy[members, None].sqrt() * energy[None, centres].sqrt())
+    best = corr.abs().argmax(1)
+    alpha = cross[torch.arange(members.numel(), device=gram.device), best] / energy[centres][best]
+    position = torch.arange(k, device=gram.device)
+    mean_map = torch.zeros(k, n, dtype=torch.float32, device=gram.device)
+    mean_map[position, centres] = 1.0
+    sum_map = mean_map.clone()
+    sum_map[best, members] = alpha.float()
+    return mean_map, sum_map, down @ sum_map.to(down.device).T, centres
+
+
+def ridge_refit(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, ridge: float
+                ) -> torch.Tensor:
+    """argmin_D ||Y - B D^T||^2 + r ||D - prior||^2 given gram = B^T B and cross = B^T Y,
+    r = ridge * mean(diag(gram))."""
+    gram = gram.double()
+    r = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
+    gram = gram + r * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    rhs = cross.double() + r * prior.double().T.to(cross.device)
+    return torch.linalg.solve(gram, rhs).T.float()
 
 
 @torch.no_grad()
-def least_squares_repair(original: nn.Module, folded: nn.Module, arch: DecoderArchitecture,
-                         tokens: torch.Tensor, *, ridge: float = 0.1) -> int:
-    """Refit the down projection of every folded MLP (see the module docstring), first layer
-    first. Returns the number of layers repaired."""
-    repaired = 0
-    for old, new in zip(arch.layers(original), arch.layers(folded), strict=True):
-        _, _, down_old = arch.mlp_linears(old)
-        _, _, down_new = arch.mlp_linears(new)
-        if down_new.in_features == down_old.in_features:
+def sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor,
+                     kept: list[int], factor: float = PROTECT_FACTOR) -> list[int]:
+    """Layers whose relative MLP output error at the planned kept counts (activation centres
+    only, no merge) exceeds `factor` x the median over the layers being folded."""
+    stepper = LayerStepper(model, arch, tokens)
+    errors: dict[int, float] = {}
+    for i, layer in enumerate(arch.layers(model)):
+        gate, up, down = (m.weight.float() for m in arch.mlp_linears(layer))
+        if kept[i] >= gate.shape[0]:
             continue
-        x = _mlp_input(folded, new.mlp, tokens).double()
-        x = x.to(down_old.weight.device)
-        target = _activations(x, arch, old) @ down_old.weight.double().T
-        b = _activations(x.to(down_new.weight.device), arch, new)
-        gram = b.T @ b
-        gram += ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(
-            gram.shape[0], dtype=gram.dtype, device=gram.device)
-        weight = torch.linalg.solve(gram, b.T @ target.to(b.device)).T
-        down_new.weight.copy_(weight.to(down_new.weight.dtype))
-        repaired += 1
-    return repaired
+        x, residual = stepper.mlp_input(i)
+        x = x.to(gate.device, torch.float32)
+        z = swiglu(x, gate, up, _activation_fn(layer, arch))
+        out = z @ down.T
+        norm2 = (residual.to(z.device).float() + out).pow(2).sum(1).clamp_min(1e-12)
+        w = norm2.rsqrt()
+        score = (z * w[:, None]).norm(dim=0) * down.norm(dim=0)
+        dropped = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
+        dropped[torch.topk(score, kept[i]).indices] = False
+        error = z[:, dropped] @ down[:, dropped].T
+        errors[i] = float((error.pow(2).sum(1) / norm2).mean())
+    if len(errors) < 3:
+        return []
+    median = float(torch.tensor(list(errors.values())).median())
+    return [i for i, e in errors.items() if e > factor * median]
+
+
+def protect(kept: list[int], widths: list[int], protected: list[int], round_to: int = 1
+            ) -> list[int]:
+    """Kept counts with the `protected` layers whole and their removed channels spread evenly
+    over the other folded layers (same total; multiples of `round_to` where possible)."""
+    free = [i for i in range(len(kept)) if i not in protected and kept[i] < widths[i]]
+    if not protected or not free:
+        return kept
+    extra = sum(widths[i] - kept[i] for i in protected)
+    new = list(kept)
+    for i in protected:
+        new[i] = widths[i]
+    # spread in units of round_to so that multiples stay multiples; the remainder (only when
+    # the widths are not multiples themselves) goes to the first layers
+    units, rest = divmod(extra, round_to)
+    share, spare = divmod(units, len(free))
+    for j, i in enumerate(free):
+        new[i] = kept[i] - round_to * (share + (1 if j < spare else 0))
+    new[free[0]] -= rest
+    if any(new[i] < 1 for i in free):
+        raise FoldError("allocation='sensitivity': the protected layers' channels do not fit "
+                        "in the other layers; lower the budget.")
+    return new

@@ -120,12 +120,12 @@ def fold_checkpoint(
                         "folded ones are written.")
     config, ratio, target_sparsity = resolve_llm_config(config, ratio, target_sparsity, recipe,
                                                         seed)
-    if config.repair != "none":
-        raise FoldError("fold_checkpoint: repair='self_generated' runs the whole model; load "
-                        "the model and use modelfold.fold instead.")
+    if config.repair != "none" or config.clusterer == "activation":
+        raise FoldError("fold_checkpoint: repair='self_generated' and clusterer='activation' "
+                        "run the whole model; load the model and use modelfold.fold instead.")
     if config.allocation != "uniform":
-        raise FoldError("fold_checkpoint: allocation='inertia' reads every layer's weights "
-                        "before folding; load the model and use modelfold.fold instead.")
+        raise FoldError(f"fold_checkpoint: allocation={config.allocation!r} reads every "
+                        "layer before folding; load the model and use modelfold.fold instead.")
     index = checkpoint_index(src)
     hf_config = AutoConfig.from_pretrained(src)
     with torch.device("meta"):
