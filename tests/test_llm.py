@@ -43,9 +43,10 @@ def logits(model, ids=IDS):
         return model(ids).logits.float()
 
 
-def plant_mlp_duplicates(model, n_dup: int) -> None:
-    """The last `n_dup` channels of every MLP repeat the first ones with down columns split in
-    two, so merging each pair is exact."""
+def plant_mlp_duplicates(model, n_dup: int, share: float = 0.5) -> None:
+    """The last `n_dup` channels of every MLP repeat the first ones (same gate/up rows) and
+    carry `share` of the pair's down column (the first keep the rest), so merging each pair is
+    exact."""
     with torch.no_grad():
         for layer in model.model.layers:
             mlp = layer.mlp
@@ -53,9 +54,9 @@ def plant_mlp_duplicates(model, n_dup: int) -> None:
             src, dst = torch.arange(n_dup), torch.arange(n - n_dup, n)
             mlp.gate_proj.weight[dst] = mlp.gate_proj.weight[src]
             mlp.up_proj.weight[dst] = mlp.up_proj.weight[src]
-            half = mlp.down_proj.weight[:, src] / 2
-            mlp.down_proj.weight[:, src] = half
-            mlp.down_proj.weight[:, dst] = half
+            column = mlp.down_proj.weight[:, src].clone()
+            mlp.down_proj.weight[:, src] = (1 - share) * column
+            mlp.down_proj.weight[:, dst] = share * column
 
 
 def plant_query_head_duplicates(model) -> None:

@@ -20,25 +20,9 @@ from modelfold.llm.repair import (
     sensitive_layers,
 )
 from modelfold.llm.stream import fold_checkpoint
-from test_llm import logits, tiny
+from test_llm import logits, plant_mlp_duplicates, tiny
 
 BEST = dict(clusterer="activation", allocation="sensitivity", repair="self_generated")
-
-
-def plant_weak_copies(model, n_copies: int, share: float = 0.01) -> None:
-    """The last `n_copies` MLP channels of every layer repeat the first ones (same gate/up
-    rows) and carry `share` of the pair's down column: their contribution is small, so they
-    are not centres, and folding each into its twin is exact."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            mlp = layer.mlp
-            n = mlp.gate_proj.out_features
-            src, dst = torch.arange(n_copies), torch.arange(n - n_copies, n)
-            mlp.gate_proj.weight[dst] = mlp.gate_proj.weight[src]
-            mlp.up_proj.weight[dst] = mlp.up_proj.weight[src]
-            column = mlp.down_proj.weight[:, src].clone()
-            mlp.down_proj.weight[:, src] = (1 - share) * column
-            mlp.down_proj.weight[:, dst] = share * column
 
 
 def test_the_model_writes_its_own_calibration_text_deterministically():
@@ -106,7 +90,8 @@ def test_ridge_refit_never_raises_the_error_it_minimises():
 def test_activation_clustering_folds_planted_copies_losslessly(arch):
     model = tiny(arch)
     model.config.eos_token_id = 2  # tiny Qwen2 configs set no special tokens; real ones do
-    plant_weak_copies(model, 24)
+    # weak copies (1 % of the pair's down column): not centres, and folding them is exact
+    plant_mlp_duplicates(model, 24, share=0.01)
     for repair in ("none", "self_generated"):
         folded = mf.fold(model, config=mf.FoldConfig(ratio=0.25, clusterer="activation",
                                                      repair=repair))
