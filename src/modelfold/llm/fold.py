@@ -81,7 +81,7 @@ def fold_llm(
     allocation: str | Callable[[LayerPlan], LayerPlan] = config.allocation
     if self_calibrated(config):
         if inplace:
-            raise FoldError(f"{_calibrated_options(config)} compare(s) the folded layers with "
+            raise FoldError(f"{calibrated_options(config)} compare(s) the folded layers with "
                             "the original ones; it cannot fold in place.")
         from modelfold.llm.repair import CalibratedSelector, self_generated_tokens
 
@@ -100,10 +100,11 @@ def fold_llm(
 
 def self_calibrated(config: FoldConfig) -> bool:
     """Whether folding with `config` runs the model on text it generates itself."""
-    return bool(_calibrated_options(config))
+    return bool(calibrated_options(config))
 
 
-def _calibrated_options(config: FoldConfig) -> str:
+def calibrated_options(config: FoldConfig) -> str:
+    """The options of `config` that run the model on its own text, e.g. "clusterer='activation'"."""
     options = [f"{name}={value!r}" for name, value, on in (
         ("clusterer", config.clusterer, config.clusterer == "activation"),
         ("repair", config.repair, config.repair == "self_generated"),

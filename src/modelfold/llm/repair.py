@@ -189,27 +189,23 @@ class CalibratedSelector:
                 raise FoldError("clusterer='activation' folds MLP channels; fold "
                                 "parts=('mlp',) or use a weight clusterer for attention.")
             return self.base(part, index, layer, arch, k)
-        gate, up, down = (m.weight for m in arch.mlp_linears(layer))
-        act = _activation_fn(layer, arch)
-        x, residual = self.stepper.mlp_input(index, layer)
-        x = x.to(gate.device, torch.float32)
-        z = swiglu(x, gate.float(), up.float(), act)
-        target = z @ down.float().T
-        weights = 1.0 / (residual.to(z.device).float() + target).norm(dim=1).clamp_min(1e-6)
+        x, z, target, weights = layer_activations(self.stepper, index, layer, arch)
+        gate, up, down = (m.weight.float() for m in arch.mlp_linears(layer))
         zw = z * weights[:, None]
         if self.base is None:
             gram = (zw.T @ zw).double()
-            mean_map, sum_map, folded_down, centres = activation_fold(gram, down.float(), k)
+            mean_map, sum_map, folded_down, centres = activation_fold(gram, down, k)
             if self.repair:  # the folded channels are the centres: reuse their Gram rows
                 folded_down = ridge_refit(gram[centres][:, centres],
                                           gram[centres] @ down.double().T, folded_down,
                                           self.ridge)
             return mean_map, sum_map, folded_down
         mean_map, sum_map = self.base(part, index, layer, arch, k)
-        folded_down = down.float() @ sum_map.to(down.device).T
+        folded_down = down @ sum_map.to(down.device).T
         if self.repair:
             mean_map = mean_map.to(x.device)
-            bw = swiglu(x, mean_map @ gate.float(), mean_map @ up.float(), act) * weights[:, None]
+            bw = swiglu(x, mean_map @ gate, mean_map @ up,
+                        _activation_fn(layer, arch)) * weights[:, None]
             folded_down = ridge_refit((bw.T @ bw).double(), (bw.T @ (target * weights[:, None]))
                                       .double(), folded_down, self.ridge)
         return mean_map, sum_map, folded_down
@@ -220,6 +216,26 @@ def _activation_fn(layer: nn.Module, arch: DecoderArchitecture):
     return getattr(mlp, "act_fn", nn.functional.silu)
 
 
+def layer_activations(stepper: LayerStepper, index: int, layer: nn.Module,
+                      arch: DecoderArchitecture
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, z, output, weights) of `layer`'s MLP on the stepper's tokens (fp32): its input, its
+    SwiGLU activations, its output and the token weights 1 / ||residual + output||."""
+    gate, up, down = (m.weight.float() for m in arch.mlp_linears(layer))
+    x, residual = stepper.mlp_input(index, layer)
+    x = x.to(gate.device, torch.float32)
+    z = swiglu(x, gate, up, _activation_fn(layer, arch))
+    out = z @ down.T
+    weights = (residual.to(z.device).float() + out).norm(dim=1).clamp_min(1e-6).reciprocal()
+    return x, z, out, weights
+
+
+def centre_scores(energy: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Weighted contribution of every channel, sqrt(||z_j w||^2) ||d_j||: the k largest are
+    the centres (`energy` = the squared weighted activation norms, e.g. diag of the Gram)."""
+    return energy.sqrt() * down.to(energy.dtype).norm(dim=0)
+
+
 def activation_fold(gram: torch.Tensor, down: torch.Tensor, k: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean_map (k, n), sum_map (k, n), folded down (hidden, k), centres (k,)) from the Gram
@@ -228,8 +244,7 @@ def activation_fold(gram: torch.Tensor, down: torch.Tensor, k: int
     centre with its least-squares scale G_jc / G_cc."""
     n = gram.shape[0]
     energy = gram.diagonal().clamp_min(1e-30)
-    score = energy.sqrt() * down.double().norm(dim=0)
-    centres = torch.topk(score, k).indices.sort().values
+    centres = torch.topk(centre_scores(energy, down), k).indices.sort().values
     is_centre = torch.zeros(n, dtype=torch.bool, device=gram.device)
     is_centre[centres] = True
     members = (~is_centre).nonzero().flatten()
@@ -264,20 +279,16 @@ def sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.
     stepper = LayerStepper(model, arch, tokens)
     errors: dict[int, float] = {}
     for i, layer in enumerate(arch.layers(model)):
-        gate, up, down = (m.weight.float() for m in arch.mlp_linears(layer))
-        if kept[i] >= gate.shape[0]:
+        gate, _, down_proj = arch.mlp_linears(layer)
+        if kept[i] >= gate.out_features:
             continue
-        x, residual = stepper.mlp_input(i)
-        x = x.to(gate.device, torch.float32)
-        z = swiglu(x, gate, up, _activation_fn(layer, arch))
-        out = z @ down.T
-        norm2 = (residual.to(z.device).float() + out).pow(2).sum(1).clamp_min(1e-12)
-        w = norm2.rsqrt()
-        score = (z * w[:, None]).norm(dim=0) * down.norm(dim=0)
+        _, z, _, weights = layer_activations(stepper, i, layer, arch)
+        zw = z * weights[:, None]
+        down = down_proj.weight.float()
         dropped = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
-        dropped[torch.topk(score, kept[i]).indices] = False
-        error = z[:, dropped] @ down[:, dropped].T
-        errors[i] = float((error.pow(2).sum(1) / norm2).mean())
+        dropped[torch.topk(centre_scores(zw.pow(2).sum(0), down), kept[i]).indices] = False
+        error = zw[:, dropped] @ down[:, dropped].T  # per-token error / ||h_t||
+        errors[i] = float(error.pow(2).sum(1).mean())
     if len(errors) < 3:
         return []
     median = float(torch.tensor(list(errors.values())).median())

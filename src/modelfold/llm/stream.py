@@ -35,9 +35,11 @@ from modelfold.errors import FoldError
 from modelfold.llm.architectures import architecture_of
 from modelfold.llm.fold import (
     _update_config,
+    calibrated_options,
     fold_selector_from_config,
     plan_layers,
     resolve_llm_config,
+    self_calibrated,
     shrink_layer,
 )
 
@@ -120,9 +122,10 @@ def fold_checkpoint(
                         "folded ones are written.")
     config, ratio, target_sparsity = resolve_llm_config(config, ratio, target_sparsity, recipe,
                                                         seed)
-    if config.repair != "none" or config.clusterer == "activation":
-        raise FoldError("fold_checkpoint: repair='self_generated' and clusterer='activation' "
-                        "run the whole model; load the model and use modelfold.fold instead.")
+    if config.repair != "none" or self_calibrated(config):
+        options = calibrated_options(config) or f"repair={config.repair!r}"
+        raise FoldError(f"fold_checkpoint: {options} run(s) the whole model; load the model "
+                        "and use modelfold.fold instead.")
     if config.allocation != "uniform":
         raise FoldError(f"fold_checkpoint: allocation={config.allocation!r} reads every "
                         "layer before folding; load the model and use modelfold.fold instead.")
