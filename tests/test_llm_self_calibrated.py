@@ -14,6 +14,7 @@ from modelfold.llm import architecture_of
 from modelfold.llm.repair import (
     LayerStepper,
     activation_fold,
+    gaussian_energy,
     protect,
     ridge_refit,
     self_generated_tokens,
@@ -72,6 +73,38 @@ def test_activation_fold_merges_a_scaled_copy_into_its_centre_exactly():
     assert torch.allclose(mean_map.sum(1), torch.ones(4))
     torch.testing.assert_close(sum_map[1, 4], torch.tensor(0.5))
     torch.testing.assert_close(z[:, :4] @ folded.T, z @ down.T, atol=1e-5, rtol=1e-5)
+
+
+def test_activation_fold_ranks_centres_by_the_given_energy_and_merges_with_the_gram():
+    torch.manual_seed(0)
+    z = torch.randn(300, 4)
+    z[:, 3] = 2.0 * z[:, 0]  # channel 3 = twice channel 0: the larger of the pair on the text
+    down = torch.ones(6, 4)
+    gram = (z.T @ z).double()
+    assert 3 in activation_fold(gram, down, 3)[3]
+    energy = gram.diagonal().clone()
+    energy[3] = 0.01 * energy.min()  # e.g. idle under other input: now channel 0 is the centre
+    _, sum_map, folded, centres = activation_fold(gram, down, 3, centre_energy=energy)
+    assert torch.equal(centres, torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(sum_map[0, 3], torch.tensor(2.0))  # the scale is the Gram's
+    torch.testing.assert_close(z[:, :3] @ folded.T, z @ down.T, atol=1e-4, rtol=1e-4)
+
+
+def test_gaussian_energy_is_the_expectation_under_the_weighted_second_moment():
+    # identity activation: z_j = (g_j . x)(u_j . x) and, by Isserlis' theorem for x ~ N(0, S),
+    # E[z_j^2] = (g S g)(u S u) + 2 (g S u)^2
+    torch.manual_seed(0)
+    mix = torch.randn(5, 5) / 2
+    x = torch.randn(40_000, 5) @ mix.T  # second moment S = mix mix^T
+    x = torch.cat([x, 10 * torch.randn(40_000, 5)])  # tokens of weight 0 count for nothing
+    weights = torch.cat([torch.full((40_000,), 3.0), torch.zeros(40_000)])
+    gate, up = torch.randn(3, 5), torch.randn(3, 5)
+    second = mix @ mix.T
+    expected = ((gate @ second * gate).sum(1) * (up @ second * up).sum(1)
+                + 2 * (gate @ second * up).sum(1) ** 2)
+    energy = gaussian_energy(x, weights, gate, up, lambda a: a, seed=1)
+    torch.testing.assert_close(energy, expected, rtol=0.08, atol=0)
+    assert torch.equal(energy, gaussian_energy(x, weights, gate, up, lambda a: a, seed=1))
 
 
 def test_ridge_refit_never_raises_the_error_it_minimises():

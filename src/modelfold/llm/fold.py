@@ -123,7 +123,8 @@ def protect_sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens
                         "parts=('mlp',).")
     kept = [s.intermediate_size for s in plan.new_shapes]
     widths = [s.intermediate_size for s in plan.shapes]
-    protected = sensitive_layers(model, arch, tokens[: max(1, tokens.shape[0] // 2)], kept)
+    # a quarter of the text (512 tokens by default): it only has to single out outlier layers
+    protected = sensitive_layers(model, arch, tokens[: max(1, tokens.shape[0] // 4)], kept)
     return with_mlp_widths(model, arch, plan, dict(enumerate(
         protect(kept, widths, protected, round_to))))
 

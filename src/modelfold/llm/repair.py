@@ -1,23 +1,28 @@
 """Data-free folding of LLM MLPs calibrated on text the model generates itself.
 
 No external data: `self_generated_tokens` samples short texts from the model, starting at its BOS
-token; the BOS is then dropped so that, as in ordinary use, the first token of every sequence is a
-plain text token (the attention sink). `CalibratedSelector` walks the decoder layer by layer on
-those tokens, each layer seeing the output of the layers already folded, and per SwiGLU MLP:
+token, with a repetition penalty (small models otherwise loop on a phrase: the text then covers a
+few hundred distinct tokens instead of about a thousand); the BOS is then dropped so that, as
+in ordinary use, the first token of every sequence is a plain text token (the attention sink).
+`CalibratedSelector` walks the decoder layer by layer on those tokens, each layer seeing the
+output of the layers already folded, and per SwiGLU MLP:
 
 * `clusterer="activation"`: the channels' outputs z_j d_j^T are compared on the calibration
   tokens, each token weighted by 1 / ||h_t||^2 (h_t = the residual stream after the layer), so
   that the few massive-activation tokens do not decide alone. The k channels with the largest
-  weighted contribution sqrt(G_jj) ||d_j|| (G = Z_w^T Z_w) are the cluster centres; every other
-  channel joins the centre its activation is most correlated with, and folds into it: the
+  weighted contribution sqrt(E_j) ||d_j|| are the cluster centres, E_j being the channel's mean
+  squared output on the text, averaged half and half (SYNTHETIC_SHARE) with its expectation
+  under Gaussian inputs of the same second moments (`gaussian_energy`: a short text on a few
+  topics leaves channels idle that other text uses; the Gaussian stands in for that text); every
+  other channel joins the centre its activation is most correlated with, and folds into it: the
   centre keeps its gate/up rows and its down column absorbs alpha_j d_j with
   alpha_j = G_jc / G_cc (least-squares scale of z_j on z_c). Merging mean gate/up rows, as weight
   clustering does, would create a new channel whose SwiGLU output none of the members had.
 * `repair="self_generated"` (any clusterer): the folded down projection D_f is refitted by
   weighted ridge least squares towards the original layer's output, shrunk towards the merge:
       D' = argmin ||W^1/2 (Z D_o^T - B D'^T)||^2 + lam * mean(diag(B_w^T B_w)) * ||D' - D_f||^2
-  (B = the folded layer's SwiGLU activations). Shrinking towards D_f rather than 0 keeps the fit
-  from over-trusting the model's own text.
+  (B = the folded layer's SwiGLU activations, lam = RIDGE = 4). Shrinking towards D_f rather
+  than 0 keeps the fit from over-trusting the model's own text.
 * `allocation="sensitivity"`: before folding, one pass at the uniform ratio measures every
   layer's relative output error mean_t ||e_t||^2 / ||h_t||^2; layers above twice the median keep
   all their channels and the others share the same total of removed channels (on SmolLM2 this
@@ -32,8 +37,10 @@ from torch import nn
 from modelfold.errors import FoldError
 from modelfold.llm.architectures import DecoderArchitecture
 
-SEQUENCES, LENGTH = 16, 128  # 2048 self-generated calibration tokens
-RIDGE = 1.0  # shrinkage towards the merged down projection (relative to mean(diag(gram)))
+SEQUENCES, LENGTH = 32, 64  # 2048 self-generated calibration tokens (64 sampling steps)
+TEMPERATURE, TOP_P, REPETITION_PENALTY = 0.7, 0.95, 1.2
+SYNTHETIC_SHARE = 0.5  # clusterer='activation': weight of the Gaussian-input channel energies
+RIDGE = 4.0  # shrinkage towards the merged down projection (relative to mean(diag(gram)))
 PROTECT_FACTOR = 2.0  # allocation="sensitivity": protect layers above this x median error
 
 
@@ -45,8 +52,9 @@ class _Captured(Exception):
 def self_generated_tokens(model: nn.Module, *, sequences: int | None = None,
                           length: int | None = None, seed: int = 0) -> torch.Tensor:
     """(sequences, length) token ids sampled by `model` from its BOS token (or, without one,
-    its end-of-text token: the document separator) at temperature 0.7, top-p 0.95; the start
-    token itself is removed. `length` is capped by the model's context."""
+    its end-of-text token: the document separator) at temperature 0.7, top-p 0.95 and
+    repetition penalty 1.2; the start token itself is removed. `length` is capped by the
+    model's context."""
     eos = getattr(model.config, "eos_token_id", None)
     eos = eos[0] if isinstance(eos, list) else eos
     start = getattr(model.config, "bos_token_id", None)
@@ -64,7 +72,8 @@ def self_generated_tokens(model: nn.Module, *, sequences: int | None = None,
         torch.manual_seed(seed)
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
                              max_new_tokens=length, min_new_tokens=length, do_sample=True,
-                             top_p=0.95, temperature=0.7,
+                             top_p=TOP_P, temperature=TEMPERATURE,
+                             repetition_penalty=REPETITION_PENALTY,
                              pad_token_id=int(eos if eos is not None else start))
     return out[:, 1:]
 
@@ -177,9 +186,11 @@ class CalibratedSelector:
     selector) or, when it is None, by their activations; `repair` refits the down projections."""
 
     def __init__(self, model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor, *,
-                 base=None, repair: bool = False, ridge: float = RIDGE):
+                 base=None, repair: bool = False, ridge: float = RIDGE,
+                 synthetic_share: float = SYNTHETIC_SHARE):
         self.stepper = LayerStepper(model, arch, tokens)
         self.base, self.repair, self.ridge = base, repair, ridge
+        self.synthetic_share = synthetic_share
 
     def __call__(self, part: str, index: int, layer: nn.Module, arch: DecoderArchitecture,
                  k: int):
@@ -194,7 +205,12 @@ class CalibratedSelector:
         zw = z * weights[:, None]
         if self.base is None:
             gram = (zw.T @ zw).double()
-            mean_map, sum_map, folded_down, centres = activation_fold(gram, down, k)
+            energy = gram.diagonal() / weights.pow(2).sum()
+            energy = ((1 - self.synthetic_share) * energy + self.synthetic_share
+                      * gaussian_energy(x, weights, gate, up, _activation_fn(layer, arch),
+                                        seed=index).double())
+            mean_map, sum_map, folded_down, centres = activation_fold(gram, down, k,
+                                                                      centre_energy=energy)
             if self.repair:  # the folded channels are the centres: reuse their Gram rows
                 folded_down = ridge_refit(gram[centres][:, centres],
                                           gram[centres] @ down.double().T, folded_down,
@@ -230,21 +246,41 @@ def layer_activations(stepper: LayerStepper, index: int, layer: nn.Module,
     return x, z, out, weights
 
 
+def gaussian_energy(x: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    act, *, seed: int = 0) -> torch.Tensor:
+    """Per-channel mean squared SwiGLU output for inputs drawn from N(0, S), S the token-weighted
+    second moment sum_t w_t^2 x_t x_t^T / sum_t w_t^2 of the MLP inputs `x` (as many samples as
+    tokens, seeded). A channel's energy on the calibration text depends on which topics the
+    text happened to cover; under the Gaussian it depends only on how the channel's gate/up
+    rows meet the input's covariance."""
+    xw = x * weights[:, None]
+    second = (xw.T @ xw / weights.pow(2).sum()).double()
+    jitter = 1e-6 * float(second.diagonal().mean().clamp_min(1e-30))
+    factor = torch.linalg.cholesky(second + jitter * torch.eye(
+        second.shape[0], dtype=second.dtype, device=second.device)).to(x.dtype)
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    samples = torch.randn(x.shape[0], x.shape[1], generator=generator, device=x.device,
+                          dtype=x.dtype) @ factor.T
+    return swiglu(samples, gate, up, act).pow(2).mean(0)
+
+
 def centre_scores(energy: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """Weighted contribution of every channel, sqrt(||z_j w||^2) ||d_j||: the k largest are
     the centres (`energy` = the squared weighted activation norms, e.g. diag of the Gram)."""
     return energy.sqrt() * down.to(energy.dtype).norm(dim=0)
 
 
-def activation_fold(gram: torch.Tensor, down: torch.Tensor, k: int
+def activation_fold(gram: torch.Tensor, down: torch.Tensor, k: int,
+                    centre_energy: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean_map (k, n), sum_map (k, n), folded down (hidden, k), centres (k,)) from the Gram
     matrix (n, n) of the token-weighted SwiGLU activations: centres = the k largest weighted
-    contributions sqrt(G_jj) ||d_j||, every other channel folded into its most correlated
-    centre with its least-squares scale G_jc / G_cc."""
+    contributions sqrt(E_j) ||d_j|| (E = `centre_energy`, by default diag(G)), every other
+    channel folded into its most correlated centre with its least-squares scale G_jc / G_cc."""
     n = gram.shape[0]
     energy = gram.diagonal().clamp_min(1e-30)
-    centres = torch.topk(centre_scores(energy, down), k).indices.sort().values
+    ranked = energy if centre_energy is None else centre_energy.to(energy).clamp_min(0)
+    centres = torch.topk(centre_scores(ranked, down), k).indices.sort().values
     is_centre = torch.zeros(n, dtype=torch.bool, device=gram.device)
     is_centre[centres] = True
     members = (~is_centre).nonzero().flatten()
