@@ -6,7 +6,6 @@ Every row of CASES is one bad input; the README's reliability section counts the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import pytest
@@ -16,8 +15,9 @@ from typer.testing import CliRunner
 
 import modelfold as mf
 from conftest import make_model
+from forge import edit_manifest
 from modelfold.cli import app
-from modelfold.io.folder import MANIFEST, WEIGHTS
+from modelfold.io.folder import WEIGHTS
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -92,13 +92,6 @@ def load_after(tmp_path, damage: Callable) -> Callable[[], object]:
             factory_kwargs={"name": "lenet5", "width": 6})
     damage(folder)
     return lambda: mf.load(folder)
-
-
-def _edit_manifest(folder, edit) -> None:
-    path = folder / MANIFEST
-    manifest = json.loads(path.read_text())
-    edit(manifest)
-    path.write_text(json.dumps(manifest))
 
 
 def _truncate(folder) -> None:
@@ -195,10 +188,13 @@ CASES: list[tuple[str, Callable, str]] = [
     ("load-tampered-weights", lambda t: load_after(t, _flip_byte), "checksum"),
     ("load-missing-weights", lambda t: load_after(t, lambda f: (f / WEIGHTS).unlink()),
      "is missing"),
-    ("load-version-mismatch", lambda t: load_after(t, lambda f: _edit_manifest(
+    ("load-version-mismatch", lambda t: load_after(t, lambda f: edit_manifest(
         f, lambda m: m.update(format_version=99))), "format version 99"),
-    ("load-shape-mismatch", lambda t: load_after(t, lambda f: _edit_manifest(
+    ("load-shape-mismatch", lambda t: load_after(t, lambda f: edit_manifest(
         f, lambda m: m["tensors"]["conv1.weight"].update(shape=[5, 3, 5, 5]))), "conv1"),
+    ("load-edited-manifest", lambda t: load_after(t, lambda f: edit_manifest(
+        f, lambda m: m["tensors"]["conv1.weight"].update(shape=[5, 3, 5, 5]), resign=False)),
+     "manifest was modified"),
     ("save-unwritable", lambda t: _save_under_a_file(t), "cannot write"),
     ("save-over-foreign-folder", lambda t: _save_over_foreign(t), "refusing"),
     ("sweep-unknown-method", lambda t: lambda: _sweep_with(t, methods=["magic"]),
@@ -321,7 +317,7 @@ def test_interrupted_save_leaves_the_old_folder_intact(tmp_path, monkeypatch):
     first = mf.fold(lenet(), X, ratio=0.5)
     mf.save(first, tmp_path / "f", **kwargs)
 
-    def crash(model, filename):
+    def crash(model, filename, **_):
         with open(filename, "wb") as fh:
             fh.write(b"partial")
         raise KeyboardInterrupt  # the user pressed Ctrl-C half way

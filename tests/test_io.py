@@ -46,14 +46,24 @@ def test_zoo_models_remember_their_factory(example, tmp_path):
     assert torch.equal(mf.load(tmp_path / "f")(example), folded(example))
 
 
-def test_load_into_a_given_skeleton(example, tmp_path):
+def build_resnet18() -> torch.nn.Module:
+    """A user's own factory: importable, but not registered with modelfold."""
+    return make_model("resnet18", seed=5)
+
+
+def test_untrusted_factories_need_trust_or_a_skeleton(example, tmp_path):
     model = make_model("resnet18")
     folded = mf.fold(model, example, ratio=0.5)
-    mf.save(folded, tmp_path / "f", factory="not.a.module:nothing")
-    with pytest.raises(mf.FoldError, match="cannot build the architecture"):
+    with pytest.warns(UserWarning, match="trust_factory=True"):
+        mf.save(folded, tmp_path / "f", factory="test_io:build_resnet18")
+    with pytest.raises(mf.FoldError, match=r"test_io:build_resnet18.*trust_factory=True"):
         mf.load(tmp_path / "f")
-    again = mf.load(tmp_path / "f", model=make_model("resnet18", seed=5))
-    assert torch.equal(again(example), folded(example))
+    for again in (mf.load(tmp_path / "f", model=make_model("resnet18", seed=5)),
+                  mf.load(tmp_path / "f", trust_factory=True)):
+        assert torch.equal(again(example), folded(example))
+    with pytest.raises(mf.FoldError, match="cannot import the factory"):
+        mf.save(folded, tmp_path / "g", factory="not.a.module:nothing")
+    assert not (tmp_path / "g").exists()
 
 
 def test_tampered_or_truncated_weights_are_refused(example, tmp_path):

@@ -1,12 +1,12 @@
 """modelfold: compress trained PyTorch models by folding (cluster -> merge -> repair).
 
-Public API: `fold`, `save`, `load`, `summary`, `FoldConfig`, `FoldError`.
+Public API: `fold`, `save`, `load`, `register_factory`, `summary`, `FoldConfig`, `FoldError`.
 """
 
 from modelfold.api import fold
 from modelfold.config import FoldConfig
 from modelfold.errors import FoldError
-from modelfold.io import load, save
+from modelfold.io import load, register_factory, save
 from modelfold.summary import FoldSummary, summary
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
            "__version__",
            "fold",
            "load",
+           "register_factory",
            "save",
            "summary",
 ]

@@ -42,7 +42,6 @@ def load_checkpoint(checkpoint: Path, model_name: str | None, model_kwargs: str 
 
     import modelfold as mf
     from modelfold.io.folder import build_from_factory, factory_spec
-    from modelfold.record import FACTORY_ATTR
     from modelfold.zoo import MODEL_ZOO, create_model
 
     if checkpoint.is_dir():
@@ -59,8 +58,8 @@ def load_checkpoint(checkpoint: Path, model_name: str | None, model_kwargs: str 
     if model_name in MODEL_ZOO:
         model = create_model(model_name, **kwargs)
     else:
-        model = build_from_factory(factory_spec(model_name, kwargs), checkpoint)
-        setattr(model, FACTORY_ATTR, factory_spec(model_name, kwargs))
+        # the user named this factory on the command line: trusted
+        model = build_from_factory(factory_spec(model_name, kwargs), checkpoint, trust=True)
     try:
         if checkpoint.suffix == ".safetensors":
             from safetensors.torch import load_file
