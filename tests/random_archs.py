@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import modelfold as mf
 from modelfold.zoo.vit import SelfAttention
 
 BATCH = 2
@@ -24,6 +25,7 @@ MLP_IN, CNN_IN, TOKENS, TOKEN_IN, OUT = 8, (3, 8, 8), 5, 8, 5
 _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
+@mf.register_factory  # trusted by mf.load, like a user's own registered architecture
 def build_model(family: str, seed: int, **arch: Any) -> nn.Module:
     """The (unfolded) model of a spec, deterministic in `seed`, in eval mode."""
     builders = {"mlp": _build_mlp, "cnn": _build_cnn, "resnet": _build_resnet,
