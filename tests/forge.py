@@ -35,3 +35,19 @@ def resign_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         return
     save_file(load_file(str(weights)), str(weights), metadata={DIGEST_KEY: digest})
     manifest["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def resign_hf(folder: Path, edit: Callable[[Path], Any], extra_files: list[str] = (),
+              manifest_edit: Callable[[dict[str, Any]], Any] | None = None) -> None:
+    """Edit a Hugging Face folder's files, then recompute the manifest's file checksums (and
+    list `extra_files` too)."""
+    edit(folder)
+    path = folder / MANIFEST
+    manifest = json.loads(path.read_text())
+    names = [*manifest["files_sha256"], *extra_files]
+    manifest["files_sha256"] = {
+        n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names
+        if (folder / n).is_file()}
+    if manifest_edit is not None:
+        manifest_edit(manifest)
+    path.write_text(json.dumps(manifest))

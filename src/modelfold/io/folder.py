@@ -113,9 +113,7 @@ def save(
         "tensors": tensors,
         "record": _record_to_dict(record) if record is not None else None,
     }
-    fresh = build()
-    manifest["module_attrs"] = _attrs_against(fresh, model)
-    _check_loadable(fresh, manifest)
+    _check_loadable(model, build(), manifest)
     with atomic_folder(path) as tmp:
         weights = tmp / WEIGHTS
         try:
@@ -176,11 +174,12 @@ def _save_factory(model: nn.Module, record: FoldRecord | None,
     return spec, lambda: call_factory(fn, spec, "save")
 
 
-def _check_loadable(fresh: nn.Module, manifest: dict[str, Any]) -> None:
-    """Shape a fresh factory model as load will: a folder that cannot be loaded back is never
-    written."""
+def _check_loadable(model: nn.Module, fresh: nn.Module, manifest: dict[str, Any]) -> None:
+    """Record the attributes folding changed, then shape a fresh factory model as load will:
+    a folder that cannot be loaded back is never written."""
     where = Path("<save>")
     try:
+        manifest["module_attrs"] = _attrs_against(fresh, model)
         _shape_like_manifest(fresh, manifest, where)
     except FoldError as exc:
         raise FoldError(
@@ -360,13 +359,15 @@ def _resize_tensors(model: nn.Module, tensors: dict[str, Any], where: Path) -> N
 def _attrs_against(fresh: nn.Module, model: nn.Module) -> dict[str, dict[str, Any]]:
     """Shape attributes that differ from the factory's fresh model (all folds so far)."""
     before = {name: simple_attrs(m) for name, m in fresh.named_modules()}
+    missing = [name for name, _ in model.named_modules() if name not in before]
+    if missing:
+        raise FoldError(f"its model has no module {missing[0]!r}")
     changed = changed_attrs(before, model)
     outside = {f"{name}.{key}" for name, diff in changed.items() for key in diff
                if key not in schema.SHAPE_ATTRS}
     if outside:
-        raise FoldError(f"save: attributes {sorted(outside)[:5]} differ from the factory's "
-                        "model, and a manifest records only shape attributes; pass factory= "
-                        "a callable that builds the model with these settings.")
+        raise FoldError(f"attributes {sorted(outside)[:5]} differ from the factory's model, "
+                        "and a manifest records only shape attributes")
     return changed
 
 
