@@ -61,6 +61,7 @@ EDITS = {
     "params-after-wrong": (lambda m: m["record"].update(params_after=5), "parameters"),
     "group-bad-status": (lambda m: m["record"]["groups"][0].update(status="pwned"), "status"),
     "attr-inconsistent": (lambda m: set_attr(m, "conv1", "out_channels", 999), "do not fit"),
+    "attr-a-list": (lambda m: set_attr(m, "bn1", "num_features", [4]), "num_features"),
     "attr-unknown-module": (lambda m: m["module_attrs"].update({"nope": {"out_channels": 1}}),
                             "nope"),
     "input-spec-huge": (lambda m: m["record"]["input_spec"].update(shape=[10 ** 9] * 4),
@@ -248,7 +249,7 @@ def _apply(manifest: dict, edits: list) -> None:
             continue
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), resign=st.booleans())
 def test_fuzzed_manifests_load_as_saved_or_raise_fold_error(data, resign, saved, tmp_path):

@@ -54,8 +54,9 @@ _ATTRS = {
     "additionalProperties": {
         "type": "object",
         "propertyNames": {"enum": sorted(SHAPE_ATTRS)},
-        "additionalProperties": {"anyOf": [_DIM, {"type": "array", "items": _DIM,
-                                                  "maxItems": 8}]},
+        "properties": {name: ({"type": "array", "items": _DIM, "maxItems": 8}
+                              if name == "normalized_shape" else _DIM)
+                       for name in sorted(SHAPE_ATTRS)},
     },
 }
 _INPUT_SPEC = {
