@@ -126,8 +126,9 @@ def test_trust_is_opt_in_per_call_and_by_registration(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="register_factory"):
         mf.save(model, tmp_path / "f", factory=user_archs.build, factory_kwargs={"width": 4})
     user_archs.CALLS.clear()
-    with pytest.raises(mf.FoldError, match="user_archs:build"):
+    with pytest.raises(mf.FoldError, match="user_archs:build") as refused:
         mf.load(tmp_path / "f")
+    assert refused.value.target == "user_archs:build"  # for callers' own wording (the CLI's)
     assert user_archs.CALLS == []  # refused before anything ran
     x = torch.randn(2, 3)
     assert torch.equal(mf.load(tmp_path / "f", trust_factory=True)(x), model(x))
