@@ -64,7 +64,9 @@ ATTACK_SCRIPT = textwrap.dedent("""
             args = {"cli-summary": ["summary", str(folder)],
                     "cli-fold": ["fold", str(folder), "--ratio", "0.5", "--out",
                                  str(out / entry)],
-                    "cli-eval-ppl": ["eval-ppl", str(folder)]}[entry]
+                    "cli-eval-ppl": ["eval-ppl", str(folder), "--text", str(folder /
+                                                                          "modelfold.json")]
+                    }[entry]
             res = runner.invoke(app, args)
             result["exit_code"] = res.exit_code
             result["error"] = res.output
@@ -104,6 +106,9 @@ def test_hostile_factories_never_run(attack, entry, attack_results):
     if entry == "load-into-model-then-save":
         # the foreign factory is not carried over: the model saves under its own factory
         assert target not in (result["error"] or "")
+    elif entry == "cli-eval-ppl":  # refused as not an LLM folder before anything is built
+        assert result["exit_code"] == 2
+        assert "not a Hugging Face" in result["error"] and "Traceback" not in result["error"]
     elif entry.startswith("cli-"):
         assert result["exit_code"] == 2
         assert target in result["error"] and "--trust-factory" in result["error"]
