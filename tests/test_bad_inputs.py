@@ -124,6 +124,15 @@ def _sweep_with(tmp_path, **changes) -> object:
     return sweep.run_sweep(dataclasses.replace(sweep.preset("quick"), **changes), tmp_path)
 
 
+def _summary_after(tmp_path, edit: Callable) -> Callable[[], object]:
+    """Save a folded LeNet, edit its fold record (re-signed), return the summary call."""
+    folder = tmp_path / "recorded"
+    mf.save(mf.fold(lenet(), X, ratio=0.5), folder)
+    edit_manifest(folder, lambda m: edit(m["record"]))
+    loaded = mf.load(folder)
+    return lambda: mf.summary(None, loaded)
+
+
 def _tiny_llm():
     from test_llm import tiny
 
@@ -195,6 +204,11 @@ CASES: list[tuple[str, Callable, str]] = [
     ("load-edited-manifest", lambda t: load_after(t, lambda f: edit_manifest(
         f, lambda m: m["tensors"]["conv1.weight"].update(shape=[5, 3, 5, 5]), resign=False)),
      "manifest was modified"),
+    ("summary-huge-recorded-input", lambda t: _summary_after(t, lambda r: r["input_spec"].update(
+        shape=[1 << 20, 1 << 20, 1 << 20])), "too many to count MACs"),
+    ("summary-recorded-input-does-not-fit", lambda t: _summary_after(
+        t, lambda r: r["input_spec"].update(shape=[0, 3, 32, 32])),
+     r"does not run on the example input recorded with it \(.*\[0,3,32,32\]"),
     ("save-unwritable", lambda t: _save_under_a_file(t), "cannot write"),
     ("save-over-foreign-folder", lambda t: _save_over_foreign(t), "refusing"),
     ("sweep-unknown-method", lambda t: lambda: _sweep_with(t, methods=["magic"]),

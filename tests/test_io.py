@@ -37,6 +37,13 @@ def test_save_load_round_trip_is_exact(name, example, tmp_path):
     assert s.params_before == sum(p.numel() for p in model.parameters())
 
 
+def test_summary_of_a_loaded_folder_prints_only_the_macs_it_knows(example, tmp_path):
+    mf.save(mf.fold(make_model("lenet5"), example, ratio=0.5), tmp_path / "f")
+    text = str(mf.summary(None, mf.load(tmp_path / "f")))
+    macs = [line for line in text.splitlines() if line.startswith("MACs")]
+    assert len(macs) == 1 and macs[0].startswith("MACs after :") and "->" not in macs[0]
+
+
 def test_zoo_models_remember_their_factory(example, tmp_path):
     from modelfold.zoo import create_model
 

@@ -64,7 +64,9 @@ ATTACK_SCRIPT = textwrap.dedent("""
             args = {"cli-summary": ["summary", str(folder)],
                     "cli-fold": ["fold", str(folder), "--ratio", "0.5", "--out",
                                  str(out / entry)],
-                    "cli-eval-ppl": ["eval-ppl", str(folder)]}[entry]
+                    "cli-eval-ppl": ["eval-ppl", str(folder), "--text", str(folder /
+                                                                          "modelfold.json")]
+                    }[entry]
             res = runner.invoke(app, args)
             result["exit_code"] = res.exit_code
             result["error"] = res.output
@@ -104,6 +106,9 @@ def test_hostile_factories_never_run(attack, entry, attack_results):
     if entry == "load-into-model-then-save":
         # the foreign factory is not carried over: the model saves under its own factory
         assert target not in (result["error"] or "")
+    elif entry == "cli-eval-ppl":  # refused as not an LLM folder before anything is built
+        assert result["exit_code"] == 2
+        assert "not a Hugging Face" in result["error"] and "Traceback" not in result["error"]
     elif entry.startswith("cli-"):
         assert result["exit_code"] == 2
         assert target in result["error"] and "--trust-factory" in result["error"]
@@ -126,8 +131,9 @@ def test_trust_is_opt_in_per_call_and_by_registration(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="register_factory"):
         mf.save(model, tmp_path / "f", factory=user_archs.build, factory_kwargs={"width": 4})
     user_archs.CALLS.clear()
-    with pytest.raises(mf.FoldError, match="user_archs:build"):
+    with pytest.raises(mf.FoldError, match="user_archs:build") as refused:
         mf.load(tmp_path / "f")
+    assert refused.value.target == "user_archs:build"  # for callers' own wording (the CLI's)
     assert user_archs.CALLS == []  # refused before anything ran
     x = torch.randn(2, 3)
     assert torch.equal(mf.load(tmp_path / "f", trust_factory=True)(x), model(x))

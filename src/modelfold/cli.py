@@ -1,65 +1,138 @@
-"""Command line: `modelfold fold`, `fold-llm`, `eval-ppl`, `summary`, `sweep`, `demo`."""
+"""Command line: `modelfold fold`, `fold-llm`, `eval-ppl`, `eval-zero-shot`, `summary`, `sweep`,
+`demo`.
+
+Options are checked before any model is loaded; every failure ends in one line on stderr and
+exit code 2 (see `modelfold.cli_support`).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
-from modelfold.errors import FoldError
+from modelfold.cli_support import App, Group, fail
+from modelfold.eval.sweep import PRESETS
 
-app = typer.Typer(
+app = App(
+    cls=Group,
     help="Compress trained PyTorch models by folding (cluster -> merge), no data needed.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 console = Console()
-err_console = Console(stderr=True)
 
-
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(message)}")
-    raise typer.Exit(code=2)
-
+TRUST_HELP = ("Run the architecture factory the folder's manifest names even if it is not "
+              "modelfold's zoo or registered (like Hugging Face's trust_remote_code); only for "
+              "folders you trust.")
+TrustFactory = Annotated[bool, typer.Option("--trust-factory", help=TRUST_HELP)]
+LLM_FAMILIES = "LLaMA / Qwen2 / Mistral"
 
 def _parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
-        _fail(f"--input-shape {text!r} must be comma-separated integers, e.g. 1,3,32,32.")
+        fail(f"--input-shape {text!r} must be comma-separated integers, e.g. 1,3,32,32.")
     if not shape or any(v <= 0 for v in shape):
-        _fail(f"--input-shape {text!r} must contain positive integers.")
+        fail(f"--input-shape {text!r} must contain positive integers.")
     return shape
 
 
-def load_checkpoint(checkpoint: Path, model_name: str | None, model_kwargs: str | None):
-    """A modelfold folder, or a weights file (.safetensors / .pt) plus --model."""
+def _check_ratio(option: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and 0.0 <= value < 1.0):
+        fail(f"{option} {value} must lie in [0, 1).")
+
+
+def _check_positive(option: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        fail(f"{option} {value} must be at least {minimum}.")
+
+
+def _check_device(device: str | None) -> None:
+    """A device torch knows and this machine has."""
+    if device is None:
+        return
     import torch
 
-    import modelfold as mf
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        fail(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps).")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}); "
+                 "use --device cpu or leave --device out.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                 "device(s).")
+    elif dev.type == "meta":
+        fail("--device meta holds no weights; use cpu or cuda.")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {device}: Apple's MPS backend is not available here.")
+    elif dev.type not in ("cpu", "mps"):
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if not callable(available) or not available():
+            fail(f"--device {device}: no {dev.type} device is available here.")
+
+
+def _check_file(option: str, path: Path | None) -> None:
+    if path is not None and not path.is_file():
+        fail(f"{option} {path}: no such file.")
+
+
+def _check_folder(option: str, path: Path | None) -> None:
+    if path is not None and not path.is_dir():
+        fail(f"{option} {path}: no such folder.")
+
+
+def _zoo_names() -> str:
+    from modelfold.zoo import MODEL_ZOO
+
+    return ", ".join(sorted(MODEL_ZOO))
+
+
+def _model_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        fail(f"--model-kwargs {text!r} is not valid JSON ({exc}); e.g. '{{\"width\": 16}}'.")
+    if not isinstance(kwargs, dict):
+        fail(f"--model-kwargs {text!r} must be a JSON object of keyword arguments, e.g. "
+             "'{\"width\": 16}'.")
+    return kwargs
+
+
+def _build_model(model_name: str, model_kwargs: str | None, checkpoint: Path):
+    from modelfold.errors import FoldError
     from modelfold.io.folder import build_from_factory, factory_spec
     from modelfold.zoo import MODEL_ZOO, create_model
 
-    if checkpoint.is_dir():
-        return mf.load(checkpoint)
-    if not checkpoint.is_file():
-        _fail(f"checkpoint {checkpoint} does not exist.")
-    if model_name is None:
-        _fail(f"{checkpoint} is a weights file: say which architecture with --model "
-              f"(a zoo name: {', '.join(sorted(MODEL_ZOO))}; or 'package.module:callable').")
+    kwargs = _model_kwargs(model_kwargs)
+    if model_name not in MODEL_ZOO and ":" not in model_name:
+        fail(f"--model {model_name!r} is neither a zoo model ({_zoo_names()}) nor "
+             "'package.module:callable'.")
+    shown = f"--model {model_name}" + (f" --model-kwargs '{model_kwargs}'" if kwargs else "")
     try:
-        kwargs = json.loads(model_kwargs) if model_kwargs else {}
-    except json.JSONDecodeError as exc:
-        _fail(f"--model-kwargs is not valid JSON ({exc}).")
-    if model_name in MODEL_ZOO:
-        model = create_model(model_name, **kwargs)
-    else:
+        if model_name in MODEL_ZOO:
+            return create_model(model_name, **kwargs)
         # the user named this factory on the command line: trusted
-        model = build_from_factory(factory_spec(model_name, kwargs), checkpoint, trust=True)
+        return build_from_factory(factory_spec(model_name, kwargs), checkpoint, trust=True)
+    except FoldError as exc:
+        fail(f"{shown}: {exc}")
+    except Exception as exc:  # building runs the architecture's own code
+        fail(f"{shown} cannot be built ({type(exc).__name__}: {exc}); check --model-kwargs.")
+
+
+def _read_state(checkpoint: Path) -> dict[str, Any]:
+    import torch
+
     try:
         if checkpoint.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -69,10 +142,60 @@ def load_checkpoint(checkpoint: Path, model_name: str | None, model_kwargs: str 
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state:
                 state = state["state_dict"]
+    except Exception as exc:  # torch.load / safetensors raise many types for bad files
+        first = " ".join(str(exc).split())[:200]
+        fail(f"cannot read weights from {checkpoint} ({type(exc).__name__}: {first}); give a "
+             ".safetensors file or a .pt state dict.")
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        fail(f"{checkpoint} holds no state dict (a mapping of tensor names to tensors).")
+    return state
+
+
+def _fit_summary(state: dict[str, Any], own: dict[str, Any]) -> str | None:
+    """What keeps `state` from loading into a model with state dict `own`, in one line."""
+    wrong = [(k, list(state[k].shape), list(v.shape)) for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    if wrong:
+        shown = "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in wrong[:3])
+        more = f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        parts.append(f"{len(wrong)} tensor{'s' if len(wrong) > 1 else ''} differ in shape "
+                     f"({shown}{more})")
+    for what, names in (("missing from the file", missing), ("not in the model", unexpected)):
+        if names:
+            more = f", +{len(names) - 3}" if len(names) > 3 else ""
+            parts.append(f"{len(names)} tensor{'s' if len(names) > 1 else ''} {what} "
+                         f"({', '.join(names[:3])}{more})")
+    return "; ".join(parts) or None
+
+
+def load_checkpoint(checkpoint: Path, model_name: str | None, model_kwargs: str | None,
+                    trust_factory: bool = False):
+    """A modelfold folder, or a weights file (.safetensors / .pt) plus --model."""
+    import modelfold as mf
+
+    if checkpoint.is_dir():
+        return mf.load(checkpoint, trust_factory=trust_factory)
+    if not checkpoint.is_file():
+        fail(f"checkpoint {checkpoint} does not exist.")
+    if model_name is None:
+        fail(f"{checkpoint} is a weights file: say which architecture with --model "
+             f"(a zoo name: {_zoo_names()}; or 'package.module:callable').")
+    model = _build_model(model_name, model_kwargs, checkpoint)
+    state = _read_state(checkpoint)
+    problem = _fit_summary(state, model.state_dict())
+    if problem is not None:
+        fail(f"the weights in {checkpoint} do not fit --model {model_name}"
+             f"{' --model-kwargs ' + repr(model_kwargs) if model_kwargs else ''}: {problem}. "
+             "Check --model and --model-kwargs (e.g. the width).")
+    try:
         model.load_state_dict(state)
-    except Exception as exc:
-        _fail(f"cannot load weights from {checkpoint} into {model_name} "
-              f"({type(exc).__name__}: {exc}).")
+    except RuntimeError as exc:
+        fail(f"cannot load the weights in {checkpoint} into --model {model_name} "
+             f"({' '.join(str(exc).split())[:300]}).")
     return model.eval()
 
 
@@ -88,7 +211,7 @@ def load_calibration(source: str):
         return images[pick]
     path = Path(source)
     if not path.is_file():
-        _fail(f"--calibration {source}: no such file (or use 'fashion-mnist').")
+        fail(f"--calibration {source}: no such file (or use 'fashion-mnist').")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -97,11 +220,44 @@ def load_calibration(source: str):
             data = tensors.get("inputs", next(iter(tensors.values()), None))
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        _fail(f"--calibration {source}: cannot read a tensor ({type(exc).__name__}: {exc}).")
+    except Exception as exc:  # torch.load / safetensors raise many types for bad files
+        fail(f"--calibration {source}: cannot read a tensor ({type(exc).__name__}: "
+             f"{' '.join(str(exc).split())[:200]}).")
     if not isinstance(data, torch.Tensor):
-        _fail(f"--calibration {source} must hold one tensor of inputs.")
+        fail(f"--calibration {source} must hold one tensor of inputs.")
     return data
+
+
+def _fold_config(config: Path | None, data_flags: dict[str, Any], di_preset: str | None):
+    """FoldConfig from --config and the flags (flags win)."""
+    from dataclasses import asdict
+
+    import modelfold as mf
+    from modelfold.errors import FoldError
+    from modelfold.repair import DeepInversionConfig
+
+    data: dict[str, Any] = {}
+    if config is not None:
+        _check_file("--config", config)
+        try:
+            data = mf.FoldConfig.from_json(config.read_text(encoding="utf-8")).to_dict()
+        except FoldError as exc:
+            fail(f"--config {config}: {str(exc).removeprefix('FoldConfig: ')}")
+        except (ValueError, RecursionError, TypeError) as exc:
+            fail(f"--config {config} is not a FoldConfig JSON file ({type(exc).__name__}: "
+                 f"{' '.join(str(exc).split())[:200]}).")
+    if data_flags.get("ratio") is not None:
+        data.update(ratio=data_flags["ratio"], target_sparsity=None)
+    if data_flags.get("target_sparsity") is not None:
+        data.update(target_sparsity=data_flags["target_sparsity"], ratio=None)
+    data.update({k: v for k, v in data_flags.items()
+                 if v is not None and k not in ("ratio", "target_sparsity")})
+    if di_preset is not None:
+        try:
+            data["deep_inversion"] = asdict(DeepInversionConfig.preset(di_preset))
+        except FoldError as exc:
+            fail(f"--di-preset: {exc}")
+    return mf.FoldConfig.from_dict(data)
 
 
 @app.command()
@@ -140,56 +296,74 @@ def fold(
              "'fashion-mnist' (1,024 training images).")] = None,
     di_preset: Annotated[str | None, typer.Option(
         help="DeepInversion settings: paper or cpu (default paper).")] = None,
+    ignore: Annotated[str | None, typer.Option(
+        help="Comma-separated names of modules whose channel groups stay unfolded (modules an "
+             "error names: ones that never run on the example input, reused or tied ones).")]
+    = None,
+    trust_factory: TrustFactory = False,
 ) -> None:
     """Fold a model and save the smaller model to --out."""
     import torch
 
     import modelfold as mf
 
-    try:
-        from dataclasses import asdict
+    if ratio is not None and target_sparsity is not None:
+        fail("give either --ratio or --target-sparsity, not both.")
+    _check_ratio("--ratio", ratio)
+    _check_ratio("--target-sparsity", target_sparsity)
+    shape = _parse_shape(input_shape)
+    cfg = _fold_config(config, {"ratio": ratio, "target_sparsity": target_sparsity,
+                                "seed": seed, "clusterer": clusterer, "repair": repair,
+                                "round_to": round_to, "allocation": allocation}, di_preset)
+    if cfg.repair == "data" and calibration is None:
+        fail("--repair data needs --calibration (a tensor file, .safetensors or .pt, or "
+             "'fashion-mnist').")
+    calibration_data = load_calibration(calibration) if calibration else None
+    base = load_checkpoint(checkpoint, model, model_kwargs, trust_factory)
+    ignored = []
+    for name in [n.strip() for n in (ignore or "").split(",") if n.strip()]:
+        try:
+            ignored.append(base.get_submodule(name))
+        except AttributeError:
+            fail(f"--ignore {name}: the model has no module {name!r}.")
+    example = torch.zeros(shape)
+    with console.status("folding..."):
+        folded = mf.fold(base, example, config=cfg, calibration=calibration_data,
+                         ignored=ignored)
+    mf.save(folded, out)
+    typer.echo(str(mf.summary(base, folded, example)))
+    console.print(f"[green]saved[/] {out}")
 
-        from modelfold.repair import DeepInversionConfig
 
-        if ratio is not None and target_sparsity is not None:
-            _fail("give either --ratio or --target-sparsity, not both.")
-        data = mf.FoldConfig.from_json(config.read_text()).to_dict() if config else {}
-        if ratio is not None:
-            data.update(ratio=ratio, target_sparsity=None)
-        if target_sparsity is not None:
-            data.update(target_sparsity=target_sparsity, ratio=None)
-        flags = {"seed": seed, "clusterer": clusterer, "repair": repair, "round_to": round_to,
-                 "allocation": allocation}
-        data.update({k: v for k, v in flags.items() if v is not None})
-        if di_preset is not None:
-            data["deep_inversion"] = asdict(DeepInversionConfig.preset(di_preset))
-        cfg = mf.FoldConfig.from_dict(data)
-        calibration_data = load_calibration(calibration) if calibration else None
-        base = load_checkpoint(checkpoint, model, model_kwargs)
-        example = torch.zeros(_parse_shape(input_shape))
-        with console.status("folding..."):
-            folded = mf.fold(base, example, config=cfg, calibration=calibration_data)
-        mf.save(folded, out)
-        typer.echo(str(mf.summary(base, folded, example)))
-        console.print(f"[green]saved[/] {out}")
-    except FoldError as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(f"{exc.filename or ''}: {exc.strerror or exc}")
+def _unfolded(folded, folder: Path, trust_factory: bool):
+    """The unfolded architecture a loaded folder came from (for its MACs), or None."""
+    from modelfold.io.folder import build_from_factory
+    from modelfold.record import FACTORY_ATTR, get_record
+
+    spec = getattr(folded, FACTORY_ATTR, None)
+    record = get_record(folded)
+    if spec is None or record is None:
+        return None
+    base = build_from_factory(spec, folder, trust=trust_factory)
+    params = sum(p.numel() for p in {id(p): p for p in base.parameters()}.values())
+    return base.eval() if params == record.params_before else None  # folded more than once
 
 
 @app.command()
 def summary(
     folder: Annotated[Path, typer.Argument(help="Folder written by `modelfold fold`.")],
+    trust_factory: TrustFactory = False,
 ) -> None:
     """Print parameters, MACs and every channel group n -> k of a folded model."""
     import modelfold as mf
+    from modelfold.record import get_record
 
-    try:
-        folded = mf.load(folder)
-        typer.echo(str(mf.summary(None, folded)))
-    except FoldError as exc:
-        _fail(str(exc))
+    folded = mf.load(folder, trust_factory=trust_factory)
+    if get_record(folded) is None and getattr(folded, "_modelfold_llm_record", None) is None:
+        params = sum(p.numel() for p in {id(p): p for p in folded.parameters()}.values())
+        typer.echo(f"parameters : {params:>14,}  (an unfolded model: no fold record)")
+        return
+    typer.echo(str(mf.summary(_unfolded(folded, folder, trust_factory), folded)))
 
 
 @app.command()
@@ -201,17 +375,21 @@ def demo(
     = Path("benchmarks/results"),
 ) -> None:
     """Train (or load cached) ResNet18 on Fashion-MNIST, fold it at several ratios, report."""
+    _check_positive("--width", width)
+    _check_positive("--epochs", epochs)
     from modelfold.demo import run_demo
 
-    try:
-        run_demo(width=width, epochs=epochs, out_dir=out)
-    except (FoldError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    run_demo(width=width, epochs=epochs, out_dir=out)
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
 @app.command()
 def sweep(
-    preset: Annotated[str, typer.Option(help="quick (under 5 min) or paper-cnn.")] = "quick",
+    preset: Annotated[str, typer.Option(
+        help=f"Preset: {', '.join(PRESETS)} (quick takes under 5 min).")] = "quick",
     out: Annotated[Path, typer.Option(help="Folder for CSV, markdown and PNG.")]
     = Path("benchmarks/results"),
     name: Annotated[str | None, typer.Option(help="File stem (default: sweep_<preset>).")]
@@ -230,49 +408,115 @@ def sweep(
     """Models x methods x ratios x seeds on Fashion-MNIST -> CSV, table, plots (resumable)."""
     import dataclasses
 
-    from modelfold.eval.sweep import preset as get_preset
-    from modelfold.eval.sweep import run_sweep
+    from modelfold.eval.sweep import METHODS, run_sweep
 
+    if preset not in PRESETS:
+        fail(f"--preset {preset!r} is unknown; presets: {', '.join(PRESETS)}.")
+    cfg = dataclasses.replace(PRESETS[preset])
+    if methods:
+        cfg.methods = _split(methods)
+        unknown = [m for m in cfg.methods if m not in METHODS]
+        if unknown:
+            fail(f"--methods: unknown method(s) {', '.join(unknown)}; known: "
+                 f"{', '.join(METHODS)}.")
     try:
-        cfg = dataclasses.replace(get_preset(preset))
-        if methods:
-            cfg.methods = [m.strip() for m in methods.split(",") if m.strip()]
-        try:
-            if ratios:
-                cfg.ratios = [float(r) for r in ratios.split(",")]
-            if seeds:
-                cfg.seeds = [int(s) for s in seeds.split(",")]
-        except ValueError:
-            _fail("--ratios and --seeds take comma-separated numbers.")
-        run_sweep(cfg, out, name or f"sweep_{preset.replace('-', '_')}",
-                  log=lambda line: console.print(line), ray=ray)
-        console.print(f"[green]wrote[/] {out}")
-    except (FoldError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        if ratios:
+            cfg.ratios = [float(r) for r in _split(ratios)]
+    except ValueError:
+        fail(f"--ratios {ratios!r} must be comma-separated numbers, e.g. 0.3,0.5.")
+    try:
+        if seeds:
+            cfg.seeds = [int(s) for s in _split(seeds)]
+    except ValueError:
+        fail(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2.")
+    for r in cfg.ratios:
+        _check_ratio("--ratios", r)
+    run_sweep(cfg, out, name or f"sweep_{preset.replace('-', '_')}",
+              log=lambda line: console.print(line), ray=ray)
+    console.print(f"[green]wrote[/] {out}")
 
 
-def load_llm(path: Path):
+# --- LLM commands -----------------------------------------------------------------------------
+
+def _quiet_transformers() -> None:
+    """No download/loading progress bars: the commands print their own results."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
+def _require_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        fail("LLM commands need transformers: pip install 'modelfold[llm]'.")
+
+
+def check_llm_folder(path: Path, command: str) -> None:
+    """A folder holding a Hugging Face causal LM, judged from its files before loading."""
+    from modelfold.io import manifest as schema
+
+    if not path.is_dir():
+        fail(f"{path} is not a folder holding a Hugging Face model (config.json + weights).")
+    manifest_path = path / "modelfold.json"
+    if manifest_path.is_file():
+        manifest = schema.read_json(manifest_path)
+        if isinstance(manifest, dict) and manifest.get("format") == "modelfold":
+            factory = manifest.get("factory")
+            target = factory.get("target") if isinstance(factory, dict) else None
+            kind = f" (built by {target})" if isinstance(target, str) else ""
+            fail(f"{path} is a modelfold folder of a graph-folded model{kind}, not a Hugging "
+                 f"Face ({LLM_FAMILIES}) LLM folder; `{command}` takes LLM folders. Use "
+                 "`modelfold fold` or `modelfold summary` for it.")
+    config = path / "config.json"
+    if not config.is_file():
+        fail(f"{path} holds no config.json: it is not a Hugging Face ({LLM_FAMILIES}) LLM "
+             "folder.")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        fail(f"{config} is not valid JSON ({' '.join(str(exc).split())[:200]}); the folder is "
+             "damaged.")
+    except OSError as exc:
+        fail(f"cannot read {config} ({exc.strerror or exc}).")
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        fail(f"{config} names no model_type: it is not a Hugging Face model config.")
+
+
+def load_llm(path: Path, trust_factory: bool = False):
     """(model, tokenizer or None) from a modelfold or Hugging Face folder."""
     import modelfold as mf
 
-    if not path.is_dir():
-        _fail(f"{path} is not a folder holding a Hugging Face model (config.json + weights).")
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        _fail("LLM commands need transformers: pip install 'modelfold[llm]'.")
-    try:
-        if (path / "modelfold.json").is_file():
-            model = mf.load(path)
-        else:
+    _require_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    if (path / "modelfold.json").is_file():
+        model = mf.load(path, trust_factory=trust_factory)
+    else:
+        try:
             model = AutoModelForCausalLM.from_pretrained(path).eval()
-    except (OSError, ValueError) as exc:
-        _fail(f"cannot load a causal LM from {path} ({type(exc).__name__}: {exc}).")
+        except (OSError, ValueError, KeyError) as exc:
+            fail(f"cannot load a causal LM from {path} ({type(exc).__name__}: "
+                 f"{' '.join(str(exc).split())[:300]}).")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):
         tokenizer = None
     return model, tokenizer
+
+
+def load_tokenizer(option_path: Path):
+    _require_transformers()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(option_path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fail(f"--tokenizer {option_path}: no tokenizer can be loaded from it "
+             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}).")
 
 
 @app.command("fold-llm")
@@ -306,47 +550,76 @@ def fold_llm_command(
     stream: Annotated[bool, typer.Option(
         help="Fold layer by layer from the safetensors shards (bounded memory).")] = False,
     device: Annotated[str | None, typer.Option(help="Where to fold, e.g. cuda.")] = None,
+    trust_factory: TrustFactory = False,
 ) -> None:
     """Fold a LLaMA / Qwen2 / Mistral model and save it as a Hugging Face folder."""
     import modelfold as mf
+    from modelfold.llm.fold import PARTS, RECIPES
 
-    plan = recipe
+    if sum(x is not None for x in (ratio, target_sparsity, recipe)) != 1:
+        fail("give exactly one of --ratio, --target-sparsity or --recipe.")
+    _check_ratio("--ratio", ratio)
+    _check_ratio("--target-sparsity", target_sparsity)
+    plan: Any = recipe
     if recipe is not None and recipe.lstrip().startswith("{"):
         try:
             plan = json.loads(recipe)
-        except json.JSONDecodeError as exc:
-            _fail(f"--recipe is not valid JSON ({exc}).")
-    part_list = [p.strip() for p in parts.split(",") if p.strip()]
-    if sum(x is not None for x in (ratio, target_sparsity, recipe)) != 1:
-        _fail("give exactly one of --ratio, --target-sparsity or --recipe.")
+        except (json.JSONDecodeError, RecursionError) as exc:
+            fail(f"--recipe is not valid JSON ({exc}).")
+    elif recipe is not None and recipe not in RECIPES:
+        fail(f"--recipe {recipe!r} is neither a preset ({', '.join(RECIPES)}) nor JSON "
+             "{part: {layer or 'a-b': ratio}}.")
+    part_list = _split(parts)
+    if not part_list or any(p not in PARTS for p in part_list):
+        fail(f"--parts {parts!r} must be a comma-separated subset of {', '.join(PARTS)}.")
     if self_calibrated:
         clusterer, allocation, repair = "activation", "sensitivity", "self_generated"
-    try:  # clustering settings only: the budget comes from the flags above
-        cfg = mf.FoldConfig(ratio=0.0, clusterer=clusterer, round_to=round_to,
-                            allocation=allocation, repair=repair)
-    except FoldError as exc:
-        _fail(str(exc))
+    # clustering settings only: the budget comes from the flags above
+    cfg = mf.FoldConfig(ratio=0.0, clusterer=clusterer, round_to=round_to,
+                        allocation=allocation, repair=repair)
+    if repair not in ("none", "self_generated"):
+        fail(f"--repair {repair!r}: LLM folding takes none or self_generated.")
+    _check_device(device)
+    if stream:
+        if repair != "none" or clusterer == "activation" or allocation != "uniform":
+            fail("--stream folds one layer at a time from the shards: it takes neither --repair, "
+                 "--self-calibrated, --clusterer activation nor an --allocation other than "
+                 "uniform; drop --stream for them.")
+        if model_dir.resolve() == out.resolve():
+            fail("--out must differ from the model folder: --stream reads its shards while "
+                 "writing the folded ones.")
+    check_llm_folder(model_dir, "fold-llm")
     if stream:
         from modelfold.llm.stream import fold_checkpoint
 
-        try:
-            record = fold_checkpoint(model_dir, out, ratio=ratio, target_sparsity=target_sparsity,
-                                     recipe=plan, parts=part_list, config=cfg, seed=seed,
-                                     device=device)
-        except (FoldError, OSError) as exc:
-            _fail(str(exc))
+        _require_transformers()
+        _quiet_transformers()
+        record = fold_checkpoint(model_dir, out, ratio=ratio, target_sparsity=target_sparsity,
+                                 recipe=plan, parts=part_list, config=cfg, seed=seed,
+                                 device=device)
     else:
-        model, tokenizer = load_llm(model_dir)
-        try:
+        model, tokenizer = load_llm(model_dir, trust_factory)
+        with console.status("folding..."):
             folded = mf.fold(model, ratio=ratio, target_sparsity=target_sparsity, recipe=plan,
                              parts=part_list, config=cfg, seed=seed, device=device)
-            mf.save(folded, out, tokenizer=tokenizer)
-        except FoldError as exc:
-            _fail(str(exc))
+        mf.save(folded, out, tokenizer=tokenizer)
         record = folded._modelfold_llm_record
     console.print(f"parameters {record['params_before']:,} -> {record['params_after']:,} "
                   f"({1 - record['params_after'] / record['params_before']:.1%} removed)")
     console.print(f"[green]wrote[/] {out}")
+
+
+def _check_windows(windows: str) -> list[str]:
+    specs = _split(windows)
+    if not specs:
+        fail("--windows names no window set; use all, head:N, tail:N or mid:N.")
+    for spec in specs:
+        name, _, count = spec.partition(":")
+        if spec == "all":
+            continue
+        if name not in ("head", "tail", "mid") or not count.isdigit() or int(count) < 1:
+            fail(f"--windows {spec!r}: use all, head:N, tail:N or mid:N (N >= 1).")
+    return specs
 
 
 @app.command("eval-ppl")
@@ -362,8 +635,10 @@ def eval_ppl(
     windows: Annotated[str, typer.Option(
         help="Comma-separated window sets: all, head:N, tail:N, mid:N.")] = "tail:40",
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    trust_factory: TrustFactory = False,
 ) -> None:
     """Perplexity over non-overlapping windows (protocol in modelfold.eval.perplexity)."""
+    from modelfold.errors import FoldError
     from modelfold.eval.perplexity import (
         load_wikitext2,
         make_windows,
@@ -373,28 +648,39 @@ def eval_ppl(
         tokenize_text,
     )
 
-    model, tokenizer = load_llm(model_dir)
-    if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if text is not None and wikitext2 is not None:
+        fail("give either --text or --wikitext2, not both.")
+    _check_file("--text", text)
+    if wikitext2 is not None and not (wikitext2.is_file() or (wikitext2 / "wiki.test.raw")
+                                      .is_file()):
+        fail(f"--wikitext2 {wikitext2}: neither wiki.test.raw nor a folder holding it.")
+    _check_folder("--tokenizer", tokenizer_dir)
+    _check_positive("--seq-len", seq_len, 2)
+    _check_positive("--batch-size", batch_size)
+    specs = _check_windows(windows)
+    if text is None and wikitext2 is None:
+        try:
+            source = offline_wiki_text()
+        except FileNotFoundError as exc:
+            fail(f"give --text or --wikitext2: the default text is unavailable ({exc})")
+    else:
+        source = text
+    check_llm_folder(model_dir, "eval-ppl")
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    model, own_tokenizer = load_llm(model_dir, trust_factory)
+    tokenizer = tokenizer or own_tokenizer
     if tokenizer is None:
-        _fail(f"no tokenizer in {model_dir}; pass --tokenizer.")
+        fail(f"no tokenizer in {model_dir}; pass --tokenizer.")
+    content = load_wikitext2(wikitext2) if wikitext2 is not None else Path(source).read_text(
+        encoding="utf-8")
     try:
-        if wikitext2 is not None:
-            content = load_wikitext2(wikitext2)
-        else:
-            source = text if text is not None else offline_wiki_text()
-            if not Path(source).is_file():
-                _fail(f"--text {source}: no such file.")
-            content = Path(source).read_text(encoding="utf-8")
         stream = make_windows(tokenize_text(tokenizer, content), seq_len)
-        for spec in [w.strip() for w in windows.split(",") if w.strip()]:
-            chosen = pick_windows(stream, spec)
-            ppl = perplexity(model, chosen, batch_size=batch_size)
-            console.print(f"{spec}: perplexity {ppl:.4f} ({chosen.shape[0]} x {seq_len} tokens)")
-    except (FoldError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    except FoldError as exc:
+        fail(f"{wikitext2 or source}: {exc} Lower --seq-len or give a longer text.")
+    for spec in specs:
+        chosen = pick_windows(stream, spec)
+        ppl = perplexity(model, chosen, batch_size=batch_size)
+        console.print(f"{spec}: perplexity {ppl:.4f} ({chosen.shape[0]} x {seq_len} tokens)")
 
 
 @app.command("eval-zero-shot")
@@ -405,18 +691,29 @@ def eval_zero_shot(
         help="Folder of extra task YAML files (e.g. local datasets).")] = None,
     limit: Annotated[int | None, typer.Option(help="Documents per task (default all).")] = None,
     batch_size: Annotated[int, typer.Option(help="lm-eval batch size.")] = 1,
+    trust_factory: TrustFactory = False,
 ) -> None:
     """Zero-shot accuracy through lm-eval on the (folded) model (needs modelfold[eval])."""
+    import logging
+
+    task_list = _split(tasks)
+    if not task_list:
+        fail("--tasks names no task; give comma-separated lm-eval task names.")
+    _check_folder("--include-path", include_path)
+    _check_positive("--limit", limit)
+    _check_positive("--batch-size", batch_size)
+    check_llm_folder(model_dir, "eval-zero-shot")
     from modelfold.eval.zero_shot import zero_shot
 
-    model, tokenizer = load_llm(model_dir)
+    model, tokenizer = load_llm(model_dir, trust_factory)
     if tokenizer is None:
-        _fail(f"no tokenizer in {model_dir}.")
-    try:
-        results = zero_shot(model, tokenizer, [t.strip() for t in tasks.split(",") if t.strip()],
-                            include_path=include_path, limit=limit, batch_size=batch_size)
-    except FoldError as exc:
-        _fail(str(exc))
+        fail(f"no tokenizer in {model_dir}.")
+    # lm-eval's notes and the Hub's download retries would bury the results (or the one error)
+    for name in ("lm_eval", "datasets", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with console.status("running lm-eval (datasets are downloaded on first use)..."):
+        results = zero_shot(model, tokenizer, task_list, include_path=include_path, limit=limit,
+                            batch_size=batch_size)
     for task, metrics in results.items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
         console.print(f"{task}: {shown}")

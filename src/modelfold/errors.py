@@ -14,6 +14,14 @@ class FoldError(ValueError):
     """
 
 
+class UntrustedFactoryError(FoldError):
+    """A saved folder names an architecture factory that may not be run without trust."""
+
+    def __init__(self, message: str, *, target: str, where: str) -> None:
+        super().__init__(message)
+        self.target, self.where = target, where
+
+
 def check_parameters(model: nn.Module) -> None:
     """Refuse meta-device, non-float (quantized) and non-finite parameters and buffers."""
     params = dict(model.named_parameters())

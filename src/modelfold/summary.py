@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +52,8 @@ class FoldSummary:
         if self.macs_before is not None and self.macs_after is not None:
             lines.append(f"MACs       : {self.macs_before:>14,} -> {self.macs_after:>14,}"
                          f"  ({self.mac_reduction:.1%} removed)")
-        elif self.macs_after is not None:
-            lines.append(f"MACs       : {'':>14} -> {self.macs_after:>14,}")
+        elif self.macs_after is not None:  # the unfolded model's MACs are unknown
+            lines.append(f"MACs after : {self.macs_after:>14,}")
         lines.append(f"ratio      : {self.ratio:.4f}")
         width = max([len(g.name) for g in self.groups] + [5])
         lines.append(f"{'group':<{width}}  {'kind':<8}  {'n':>6} -> {'k':<6} {'status':<8} modules")
@@ -82,17 +84,59 @@ def summary(
     if record is None:
         raise FoldError("`folded` carries no fold record: pass a model returned by "
                         "modelfold.fold or modelfold.load.")
+    inputs = "`example_inputs`"
     if example_inputs is None:
         device = next(folded.parameters()).device
-        example_inputs = inputs_from_spec(record.input_spec, device)
-    macs_before = count_macs(model, example_inputs) if model is not None else record.extra.get(
-        "macs_before")
-    macs_after = count_macs(folded, example_inputs)
+        example_inputs = _recorded_inputs(record.input_spec, device)
+        inputs = f"the example input recorded with it ({_describe(record.input_spec)})"
+    if model is not None:
+        macs_before = _count_macs(model, example_inputs, "the model", inputs)
+    else:
+        macs_before = record.extra.get("macs_before")
+        if isinstance(macs_before, bool) or not isinstance(macs_before, int) or macs_before < 0:
+            macs_before = None
+    macs_after = _count_macs(folded, example_inputs, "the folded model", inputs)
     params_before = (sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
                      if model is not None else record.params_before)
     params_after = sum(p.numel() for p in {id(p): p for p in folded.parameters()}.values())
     return FoldSummary(params_before, params_after, macs_before, macs_after, record.ratio,
                        record.groups)
+
+
+MAX_EXAMPLE_ELEMENTS = 1 << 28  # zeros built from a fold record to count MACs on
+
+
+def _recorded_inputs(spec: Any, device: torch.device) -> Any:
+    """Zero inputs of the shapes a fold record holds, refusing absurd sizes."""
+    elements = _elements(spec)
+    if elements > MAX_EXAMPLE_ELEMENTS:
+        raise FoldError(f"summary: the example input recorded with the model ({_describe(spec)}) "
+                        f"has {elements:,} elements, too many to count MACs on; the fold record "
+                        "is damaged.")
+    return inputs_from_spec(spec, device)
+
+
+def _elements(spec: Any) -> int:
+    if "shape" in spec:
+        return math.prod(spec["shape"])
+    parts = spec["dict"].values() if "dict" in spec else spec["tuple"]
+    return sum(_elements(p) for p in parts)
+
+
+def _describe(spec: Any) -> str:
+    text = json.dumps(spec, separators=(",", ":"))
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _count_macs(model: nn.Module, example_inputs: Any, which: str, inputs: str) -> int:
+    """count_macs; a model that does not run on the inputs is a FoldError naming them."""
+    try:
+        return count_macs(model, example_inputs)
+    except FoldError:
+        raise
+    except Exception as exc:  # the forward pass runs the user's model
+        raise FoldError(f"summary: {which} does not run on {inputs} ({type(exc).__name__}: "
+                        f"{exc}), so its MACs cannot be counted.") from exc
 
 
 def _llm_summary(record: dict[str, Any], folded: nn.Module) -> FoldSummary:

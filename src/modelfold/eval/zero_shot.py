@@ -36,11 +36,18 @@ def zero_shot(model: nn.Module, tokenizer, tasks: Iterable[str], *,
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise FoldError(f"zero_shot: unknown lm-eval tasks {unknown} (add their YAML folder with "
-                        "include_path).")
+                        "`include_path=`).")
     device = device or str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                      num_fewshot=num_fewshot, log_samples=False)
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
+                                          limit=limit, num_fewshot=num_fewshot,
+                                          log_samples=False)
+    except ConnectionError as exc:  # datasets: offline, or the Hub unreachable
+        raise FoldError(f"zero_shot: the datasets of the tasks {tasks} could not be downloaded "
+                        f"({exc}). Connect to the internet once (datasets are cached), or give "
+                        "include_path= a folder of task YAML files that read local files."
+                        ) from exc
     return {task: {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
             for task, metrics in results["results"].items()}

@@ -10,12 +10,13 @@ the call (CLI `--trust-factory`), in the spirit of Hugging Face's `trust_remote_
 from __future__ import annotations
 
 import importlib
+import reprlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch import nn
 
-from modelfold.errors import FoldError
+from modelfold.errors import FoldError, UntrustedFactoryError
 
 ZOO_TARGET = "modelfold.zoo:create_model"
 # The callable that built a model, kept beside its JSON spec so that saving a model that was
@@ -24,6 +25,8 @@ ZOO_TARGET = "modelfold.zoo:create_model"
 FACTORY_FN_ATTR = "_modelfold_factory_fn"
 
 _F = TypeVar("_F", bound=Callable[..., nn.Module])
+_SHORT = reprlib.Repr()  # factory arguments in error messages: nested and long values cut
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring = 3, 8, 8, 80
 _REGISTERED: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -77,12 +80,12 @@ def resolve_factory(spec: dict[str, Any], where: str, *, trust: bool = False
     if target in _REGISTERED:
         return _REGISTERED[target]
     if not trust:
-        raise FoldError(
+        raise UntrustedFactoryError(
             f"{where} names the factory {target!r}, which is neither modelfold's zoo nor a "
             "registered factory; loading it would import and run that code. If you trust this "
             "folder, load it with trust_factory=True (command line: --trust-factory), register "
             "the builder in code with @modelfold.register_factory, or pass model= an unfolded "
-            "instance of the architecture.")
+            "instance of the architecture.", target=target, where=where)
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
         raise FoldError(f"{where}: factory {target!r} is not 'package.module:callable'.")
@@ -108,7 +111,8 @@ def call_factory(factory: Callable[..., nn.Module], spec: dict[str, Any], where:
         model = factory(**kwargs)
     except Exception as exc:  # building runs user code
         raise FoldError(f"{where}: the factory {spec.get('target')!r} failed with these "
-                        f"arguments {kwargs} ({type(exc).__name__}: {exc}).") from exc
+                        f"arguments {_SHORT.repr(kwargs)} ({type(exc).__name__}: {exc})."
+                        ) from exc
     if not isinstance(model, nn.Module):
         raise FoldError(f"{where}: the factory {spec.get('target')!r} returned "
                         f"{type(model).__name__}, not an nn.Module.")
