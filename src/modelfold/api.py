@@ -308,7 +308,8 @@ def _group_infos(discovery: GroupDiscovery, plan: FoldPlan) -> list[GroupInfo]:
         status = ("output" if g.folds_output else "ignored" if g.ignored_by
                   else "unsafe" if g.unsafe else "folded" if gp else "kept")
         infos.append(GroupInfo(g.name, g.kind, g.n, gp.k if gp else g.n,
-                               sorted({s.name for s in g.slots}), status))
+                               sorted({s.name for s in g.slots}), status,
+                               g.unsafe if status == "unsafe" else None))
     return infos
 
 
