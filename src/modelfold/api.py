@@ -385,6 +385,10 @@ def _shapes(out: Any) -> Any:
 
 
 def _check_output(model: nn.Module, inputs: Any, reference: Any) -> None:
+    """Last sanity check: the folded model runs on `example_inputs` with the output shapes it
+    had. It does not vouch for the values (an op reordering channels keeps every shape): that a
+    fold keeps channel identity is decided by the dependency graph, which leaves any group
+    flowing through an op not known to keep it unfolded (`modelfold.graph.channel_ops`)."""
     was = model.training
     try:
         with torch.no_grad():
