@@ -308,7 +308,8 @@ def _group_infos(discovery: GroupDiscovery, plan: FoldPlan) -> list[GroupInfo]:
         status = ("output" if g.folds_output else "ignored" if g.ignored_by
                   else "unsafe" if g.unsafe else "folded" if gp else "kept")
         infos.append(GroupInfo(g.name, g.kind, g.n, gp.k if gp else g.n,
-                               sorted({s.name for s in g.slots}), status))
+                               sorted({s.name for s in g.slots}), status,
+                               g.unsafe if status == "unsafe" else None))
     return infos
 
 
@@ -384,6 +385,10 @@ def _shapes(out: Any) -> Any:
 
 
 def _check_output(model: nn.Module, inputs: Any, reference: Any) -> None:
+    """Last sanity check: the folded model runs on `example_inputs` with the output shapes it
+    had. It does not vouch for the values (an op reordering channels keeps every shape): that a
+    fold keeps channel identity is decided by the dependency graph, which leaves any group
+    flowing through an op not known to keep it unfolded (`modelfold.graph.channel_ops`)."""
     was = model.training
     try:
         with torch.no_grad():

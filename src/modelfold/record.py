@@ -19,7 +19,8 @@ class GroupInfo:
     n: int
     k: int
     modules: list[str]
-    status: str  # "folded", "kept", "output", "ignored"
+    status: str  # "folded", "kept", "output", "ignored", "unsafe"
+    reason: str | None = None  # why an "unsafe" group could not be folded
 
 
 @dataclass

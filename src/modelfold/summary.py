@@ -62,6 +62,10 @@ class FoldSummary:
                                                else "")
             lines.append(f"{g.name:<{width}}  {g.kind:<8}  {g.n:>6} -> {g.k:<6} {g.status:<8} "
                          f"{mods}")
+        unsafe = [g for g in self.groups if g.status == "unsafe" and g.reason]
+        if unsafe:
+            lines.append("not foldable:")
+            lines.extend(f"  {g.name}: {g.reason}" for g in unsafe)
         return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@
 Torch-Pruning already propagates "same channel index" through residual adds, norms, flatten
 (channel -> channel x spatial block), concat/split and depthwise convs. We reuse its groups and
 only add what folding needs on top: each slot's role (producer rows are averaged, consumer
-columns are summed), the root channel every local index belongs to, and attention-head groups.
+columns are summed), the root channel every local index belongs to, attention-head groups, and
+the check Torch-Pruning lacks: that every op on a group's channels keeps channel identity (it
+treats ops it does not map as element-wise; see `channel_ops`), else the group is `unsafe`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ import torch_pruning as tp
 from torch import nn
 
 from modelfold.errors import FoldError
+from modelfold.graph.channel_ops import (
+    Step,
+    layer_internal,
+    module_axis,
+    op_name,
+    out_shape,
+    through,
+)
 from modelfold.merge.handlers import (
     attention_pruners,
     find_attention_handler,
@@ -143,13 +153,7 @@ def _touches_input(tp_group) -> bool:
     return False
 
 
-# Ops that mix channels (or heads) in ways a channel-wise mean/sum cannot reproduce. Torch-Pruning
-# treats unknown ops as element-wise, so a group that flows through one of them is refused.
-_MIXING_OPS = ("bmmbackward", "scaleddotproduct", "softmaxbackward", "baddbmmbackward",
-               "linalgvectornormbackward", "normbackward", "nativelayernormbackward",
-               "amaxbackward", "aminbackward", "maxbackward", "minbackward", "sortbackward",
-               "topkbackward", "cumsumbackward", "pixelshufflebackward",
-               "pixelunshufflebackward")
+# A flatten after these scatters a channel over non-contiguous positions of the flat axis.
 _LAYOUT_OPS = ("permutebackward", "transposebackward")
 
 
@@ -172,16 +176,17 @@ def _internal_ops(graph: tp.DependencyGraph, handled: list[nn.Module]) -> set[in
     return inside
 
 
-def _unsafe_reason(tp_group, slots: list[Slot], n: int, internal: set[int]) -> str | None:
+def _unsafe_reason(graph: tp.DependencyGraph, tp_group, slots: list[Slot], n: int,
+                   internal: set[int], owners: dict[Any, nn.Module],
+                   names: dict[int, str]) -> str | None:
     for slot in slots:
         if len(set(slot.idxs)) < len(slot.idxs):
             return f"an op combines several channels into one input position of {slot.name!r}"
+    problem = _flow_problem(graph, tp_group, internal, owners, names)
+    if problem is not None:
+        return problem
     ops = [item.dep.target for item in tp_group.items
            if item.dep.target.type in _DUMMY_OPS and id(item.dep.target) not in internal]
-    for node in ops:
-        name = _op_name(node)
-        if name.startswith(_MIXING_OPS) or "scaleddotproduct" in name:
-            return f"channels flow through {name.removesuffix('backward0')}, which mixes them"
     if any(len(s.idxs) > n for s in slots):  # a channel spans several positions (flatten)
         for node in ops:
             name = _op_name(node)
@@ -189,6 +194,124 @@ def _unsafe_reason(tp_group, slots: list[Slot], n: int, internal: set[int]) -> s
                 return (f"channels are flattened after a {name.removesuffix('backward0')}, so "
                         "their positions are not contiguous blocks")
     return None
+
+
+def _flow_problem(graph: tp.DependencyGraph, tp_group, internal: set[int],
+                  owners: dict[Any, nn.Module], names: dict[int, str]) -> str | None:
+    """Why the group's channels do not keep their identity from producers to consumers.
+
+    Follows the channel axis from every layer writing the group through the ops Torch-Pruning
+    treats as element-wise (see `channel_ops`): an op that is not known to keep channel
+    identity, or that acts along the channel axis, refuses the group, and so does a layer that
+    reads the channels on another axis than the one they arrive on (e.g. after a transpose).
+    Nodes in `internal` (inside handled attention modules or inside a torch.nn layer) are the
+    layers' own business and are not checked.
+    """
+    carriers: dict[int, Any] = {}  # nodes whose output holds the group's channels
+    members: set[int] = set()  # modules (and parameters) indexed by the group
+    for item in tp_group.items:
+        node = item.dep.target
+        if node.type not in _DUMMY_OPS:
+            members.add(id(node.module))
+        if node.type in _DUMMY_OPS or graph.is_out_channel_pruning_fn(item.dep.handler):
+            carriers[id(node)] = node
+    axis: dict[int, int | None] = {}
+    moved: dict[int, str | None] = {}  # last op that moved the channel axis on the way
+    for node in _post_order(carriers):
+        key = id(node)
+        ins = [i for i in node.inputs if id(i) in carriers]
+        axis[key], moved[key] = None, None
+        if node.type not in _DUMMY_OPS:
+            axis[key] = _node_axis(node)
+            continue
+        if key in internal or not ins:  # a layer's inner op, or fed by no carrier (a weight)
+            continue
+        known = [i for i in ins if axis.get(id(i)) is not None]
+        src = known[0] if known else ins[0]
+        step: Step = through(node.grad_fn, node.type, axis[id(src)])
+        if not step.ok:
+            return (f"{step.why} (between {_around(node, False, owners, names)} and "
+                    f"{_around(node, True, owners, names)})")
+        axis[key] = step.axis
+        moved[key] = op_name(node.grad_fn) if step.moves else moved[id(src)]
+    for node in carriers.values():
+        here = axis.get(id(node))
+        if here is None or id(node) in internal:
+            continue
+        shape = out_shape(node.grad_fn)
+        for out in node.outputs:
+            module = _owner(out, owners)
+            if module is None or id(module) not in members or isinstance(module, nn.Parameter):
+                continue
+            reads = module_axis(module, None if shape is None else len(shape))
+            if reads is not None and reads != here:
+                name = names.get(id(module), type(module).__name__)
+                after = f" after {moved[id(node)]}" if moved.get(id(node)) else ""
+                return (f"the channels of {_around(out, False, owners, names)} reach {name!r} on "
+                        f"axis {here}{after}, but {name!r} reads its channels on axis {reads}")
+    return None
+
+
+def _post_order(nodes: dict[int, Any]) -> list[Any]:
+    """`nodes` with every node after its inputs among `nodes` (iterative: graphs are deep)."""
+    order: list[Any] = []
+    seen: set[int] = set()
+    for start in nodes.values():
+        stack = [(start, False)]
+        while stack:
+            node, done = stack.pop()
+            if done:
+                order.append(node)
+                continue
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            stack.append((node, True))
+            stack.extend((i, False) for i in node.inputs if id(i) in nodes and id(i) not in seen)
+    return order
+
+
+def _node_axis(node) -> int | None:
+    """Negative channel axis of what a layer (or bare parameter) node writes."""
+    if node.type == tp.ops.OPTYPE.PARAMETER:
+        p = node.module
+        return node.pruning_dim % p.ndim - p.ndim if p.ndim else None
+    shape = out_shape(node.grad_fn)
+    return module_axis(node.module, None if shape is None else len(shape))
+
+
+def _owner(node, owners: dict[Any, nn.Module]) -> Any:
+    """The layer a node is, or whose inner op it is; None for a free-standing op."""
+    if node.type == tp.ops.OPTYPE.OUTPUT:
+        return None
+    if node.type not in _DUMMY_OPS:
+        return node.module
+    return owners.get(node.grad_fn)
+
+
+def _around(node, downstream: bool, owners: dict[Any, nn.Module], names: dict[int, str]) -> str:
+    """The nearest layers before (or after) an op, for messages."""
+    found: list[str] = []
+    seen: set[int] = set()
+    queue = list(node.outputs if downstream else node.inputs)
+    while queue and len(found) < 3:
+        n = queue.pop(0)
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.type == tp.ops.OPTYPE.OUTPUT:
+            label = "the network output"
+        else:
+            module = _owner(n, owners)
+            label = None if module is None else repr(names.get(id(module)) or "the model")
+        if label is not None:
+            if label not in found:
+                found.append(label)
+            continue
+        queue.extend(n.outputs if downstream else n.inputs)
+    if not found:
+        return "the network output" if downstream else "the network input"
+    return " / ".join(found)
 
 
 def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
@@ -220,6 +343,7 @@ def discover_groups(
         return out
 
     calls = _CallCounter(model)
+    spans = _ModuleSpans(model)
     # the trace follows autograd: frozen parameters would hide their layers from the graph
     frozen = [t for t in model.parameters() if t.is_floating_point() and not t.requires_grad]
     for t in frozen:
@@ -239,13 +363,17 @@ def discover_groups(
         ) from exc
     finally:
         calls.remove()
+        spans.remove()
         for t in frozen:
             t.requires_grad_(False)
     calls.check(names, ignored_ids)
 
     root_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *customized)
     handled = [m for m in model.modules() if find_attention_handler(m) is not None]
-    internal = _internal_ops(graph, handled)
+    owners, suspicious = spans.owners(graph, tuple(customized))
+    internal = _internal_ops(graph, handled) | {
+        id(node) for node in graph.module2node.values()
+        if node.type in _DUMMY_OPS and node.grad_fn in owners}
     shared = _shared_parameters(model)
     output_fns = {t.grad_fn for t in tp.utils.flatten_as_list(outputs)
                   if isinstance(t, torch.Tensor) and t.grad_fn is not None}
@@ -264,7 +392,14 @@ def discover_groups(
         if group.foldable and _touches_input(tp_group):
             group.unsafe = "the group holds the network's input channels"
         if group.foldable:
-            group.unsafe = _unsafe_reason(tp_group, slots, n, internal)
+            group.unsafe = _unsafe_reason(graph, tp_group, slots, n, internal, owners, names)
+        for slot in slots if group.foldable else ():
+            if id(slot.module) in suspicious:
+                group.unsafe = (
+                    f"{slot.name!r} is a {type(slot.module).__name__} with its own forward(), "
+                    f"which runs {suspicious[id(slot.module)]} that may reorder its channels "
+                    "(the dependency graph sees a plain layer)")
+                break
         if group.foldable:
             _check_tied(group, shared)
             for slot in slots:  # fail early, naming the module, if no merge rule exists
@@ -290,6 +425,67 @@ def discover_groups(
             group.ignored_by = name
         groups.append(group)
     return GroupDiscovery(graph=graph, groups=groups, module_names=names)
+
+
+class _ModuleSpans:
+    """The autograd nodes each layer creates between its inputs and its output.
+
+    Torch-Pruning maps a layer to the node of its output only; the ops inside it (a Linear on a
+    3-d input is view -> addmm -> view, its weight goes through a transpose) appear as
+    element-wise dummy nodes. They are the layer's own business, so they are told apart here
+    and not checked for channel identity. A layer running torch.nn's own forward is trusted; a
+    subclass with its own forward (Torch-Pruning still sees a plain Linear, Conv, ...) only if
+    it runs nothing but what torch.nn layers run and point-wise ops, else it is `suspicious`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls: list[tuple[nn.Module, set, list]] = []
+        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True)
+                        for m in model.modules()]
+
+    def _hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        inputs = {t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None}
+        outputs = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        self.calls.append((module, inputs, outputs))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def owners(self, graph: tp.DependencyGraph, skip: tuple[type, ...]
+               ) -> tuple[dict[Any, nn.Module], dict[int, str]]:
+        """(grad_fn -> the innermost layer of `graph` that created it, id(layer) -> an op a
+        layer subclass runs that torch.nn layers do not). Modules of types `skip` (attention
+        blocks, handled on their own) are left out."""
+        owners: dict[Any, nn.Module] = {}
+        suspicious: dict[int, str] = {}
+        for module, inputs, outputs in self.calls:  # inner layers finish first
+            if module not in graph.module2node or isinstance(module, skip):
+                continue
+            stock = getattr(type(module).forward, "__module__", "").startswith("torch.nn.")
+            stack = list(outputs)
+            seen: set = set()
+            while stack:
+                fn = stack.pop()
+                if fn is None or fn in inputs or fn in seen or hasattr(fn, "variable"):
+                    continue  # hasattr(fn, "variable"): a leaf (AccumulateGrad of a weight)
+                seen.add(fn)
+                if fn not in owners and not stock and not layer_internal(fn):
+                    suspicious.setdefault(id(module), op_name(fn))
+                owners.setdefault(fn, module)
+                stack.extend(f for f, _ in getattr(fn, "next_functions", ()))
+        return owners, suspicious
+
+
+def _tensors(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 class _CallCounter:

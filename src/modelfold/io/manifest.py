@@ -47,7 +47,9 @@ _GROUP = {
     "required": ["name", "kind", "n", "k", "modules", "status"],
     "properties": {"name": _NAME, "kind": {"enum": ["channels", "heads"]}, "n": _DIM, "k": _DIM,
                    "modules": {"type": "array", "items": _NAME},
-                   "status": {"enum": ["folded", "kept", "output", "ignored", "unsafe"]}},
+                   "status": {"enum": ["folded", "kept", "output", "ignored", "unsafe"]},
+                   "reason": {"anyOf": [{"type": "null"},
+                                        {"type": "string", "maxLength": 2000}]}},
 }
 _ATTRS = {
     "type": "object",
