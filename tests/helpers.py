@@ -54,3 +54,14 @@ def _copy_heads(tensor: torch.Tensor, axis: int, heads: int, half: int) -> None:
     per = moved.shape[0] // heads
     for h in range(half):
         moved[(h + half) * per:(h + half + 1) * per] = moved[h * per:(h + 1) * per]
+
+
+def tiny_llama(num_hidden_layers: int = 2):
+    """A seeded 2-head Llama with hidden size 16 (transformers must be installed)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=num_hidden_layers,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()

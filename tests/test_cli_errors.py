@@ -28,6 +28,7 @@ import modelfold as mf
 from conftest import make_model
 from forge import edit_manifest, resign_hf
 from modelfold.cli import app
+from test_bad_inputs import Branchy
 
 runner = CliRunner()
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -39,16 +40,6 @@ API_ADVICE = ("Traceback", "trust_factory=", "calibration=", "DataLoader", "mode
 HAS_CUDA = torch.cuda.is_available()
 
 
-class Branchy(nn.Module):
-    """`c` runs only for inputs with a non-positive sum: zeros never run `b`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 2), nn.Linear(16, 2)
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        return self.b(h) if x.sum() > 0 else self.c(h)
 
 
 def build_user_net() -> nn.Module:
@@ -259,7 +250,7 @@ CASES = [
     Case("fold:missing-config", lambda t, f: ["fold", f["cnn"], "--config", t / "cfg.json",
                                               "--out", t / "o"], ("--config", "cfg.json")),
     Case("fold:module-that-never-runs", lambda t, f: [
-        "fold", f["branchy"], "--model", "test_cli_errors:Branchy", "--input-shape", "2,8",
+        "fold", f["branchy"], "--model", "test_bad_inputs:Branchy", "--input-shape", "2,8",
         "--ratio", "0.5", "--out", t / "o"], ("--ignore b", "--input-shape")),
     Case("fold:unknown-ignored-module", lambda t, f: [
         "fold", f["cnn"], "--ratio", "0.5", "--ignore", "conv9", "--out", t / "o"],
@@ -452,7 +443,7 @@ def test_options_are_checked_before_the_model_is_loaded(folders, tmp_path, monke
 
 
 def test_ignore_named_in_the_error_is_the_escape_hatch(folders, tmp_path):
-    result = invoke(["fold", folders["branchy"], "--model", "test_cli_errors:Branchy",
+    result = invoke(["fold", folders["branchy"], "--model", "test_bad_inputs:Branchy",
                      "--input-shape", "2,8", "--ratio", "0.5", "--ignore", "b",
                      "--out", tmp_path / "o"])
     assert result.exit_code == 0, result.output

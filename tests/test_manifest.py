@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import modelfold as mf
 from conftest import make_model
 from forge import edit_manifest, resign_hf
+from helpers import tiny_llama
 from modelfold.io.folder import MANIFEST, WEIGHTS
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -132,12 +133,8 @@ def test_summary_of_a_damaged_folder_is_one_line_exit_2(saved, tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_saved(tmp_path_factory) -> Path:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                      num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    model = tiny_llama(2)
     folded = mf.fold(model, ratio=0.25)
     folder = tmp_path_factory.mktemp("hf") / "folded"
     mf.save(folded, folder)

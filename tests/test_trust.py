@@ -20,6 +20,7 @@ from torch import nn
 import modelfold as mf
 from conftest import make_model
 from forge import edit_manifest
+from helpers import tiny_llama
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
@@ -204,11 +205,7 @@ def test_hf_folders_never_run_remote_code(tmp_path):
     transformers = pytest.importorskip("transformers")
     from forge import resign_hf
 
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                      num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(1)
     mf.save(model, tmp_path / "hf")
     marker = tmp_path / "marker"
     (tmp_path / "hf" / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
