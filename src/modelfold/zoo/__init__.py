@@ -22,7 +22,7 @@ from modelfold.errors import FoldError
 from modelfold.record import FACTORY_ATTR
 from modelfold.zoo import cnn
 
-__all__ = ["MODEL_ZOO", "PRETRAINED", "cnn", "create_model", "keras_cnn", "mobilenet",
+__all__ = ["MODEL_ZOO", "PRETRAINED", "cnn", "create_model", "keras_cnn", "minilm", "mobilenet",
            "register_model", "register_pretrained", "vit"]
 
 ModelFactory = Callable[..., nn.Module]
@@ -95,4 +95,4 @@ for _name in (
 del _name
 
 # Imported after the registry exists so their decorators can register the models.
-from modelfold.zoo import keras_cnn, mobilenet, vit  # noqa: E402
+from modelfold.zoo import keras_cnn, minilm, mobilenet, vit  # noqa: E402
