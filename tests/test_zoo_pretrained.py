@@ -235,6 +235,17 @@ def test_minilm_matches_onnxruntime(minilm, tokenizer) -> None:
     assert np.abs(ours - pooled).max() < 1e-4
 
 
+def test_minilm_eager_attention_gives_the_same_embeddings(minilm, tokenizer) -> None:
+    eager = create_model("paraphrase_minilm_l3", attn_implementation="eager").eval()
+    eager.load_state_dict(minilm.state_dict())
+    batch = tokenizer(["Short.", "A longer sentence, padded less."], padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        a = minilm(batch["input_ids"], batch["attention_mask"])
+        b = eager(batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_minilm_paraphrases_are_close_and_unrelated_pairs_far(minilm, tokenizer) -> None:
     def cos(pairs):
         a = minilm.encode([p for p, _ in pairs], tokenizer, normalize=True)

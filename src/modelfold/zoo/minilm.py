@@ -85,10 +85,10 @@ def paraphrase_minilm_l3(attn_implementation: str = "sdpa") -> SentenceEncoder:
     """paraphrase-MiniLM-L3-v2's architecture: 3-layer BERT (384 wide, 12 heads), mean pooling.
 
     `attn_implementation` is transformers' ("sdpa" or "eager"; both fold alike)."""
+    # a FoldError naming the extra when transformers is missing
+    config = _bert_config(attn_implementation=attn_implementation)
     from transformers import BertModel
 
-    config = _bert_config()
-    config._attn_implementation = attn_implementation
     return SentenceEncoder(BertModel(config, add_pooling_layer=False))
 
 
