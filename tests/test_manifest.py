@@ -68,6 +68,8 @@ EDITS = {
     "input-spec-huge": (lambda m: m["record"]["input_spec"].update(shape=[10 ** 9] * 4),
                         "input_spec"),
     "record-extra-key": (lambda m: m["record"].update(evil=1), "evil"),
+    "factory-reads-a-file": (lambda m: m["factory"]["kwargs"].update(pretrained="/etc/passwd"),
+                             "pretrained"),
     "factory-extra-key": (lambda m: m["factory"].update(code="x"), "factory"),
     "nested-deeply": (lambda m: m["record"].update(extra={"a": json.loads(
         "[" * 200 + "]" * 200)}), None),

@@ -76,6 +76,13 @@ def resolve_factory(spec: dict[str, Any], where: str, *, trust: bool = False
     if target == ZOO_TARGET:
         from modelfold.zoo import create_model
 
+        kwargs = spec.get("kwargs")
+        if isinstance(kwargs, dict) and kwargs.get("pretrained") not in (None, False):
+            # the saved weights replace pretrained ones anyway; never read a file a folder names
+            raise FoldError(f"{where}: the zoo factory's arguments name pretrained weights "
+                            f"({kwargs['pretrained']!r}); a saved folder carries its own weights "
+                            "and never reads another file.")
+
         return create_model
     if target in _REGISTERED:
         return _REGISTERED[target]
