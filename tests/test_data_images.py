@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
-import re
 import shutil
 from pathlib import Path
 
@@ -16,23 +14,21 @@ import torch
 from torch import nn
 
 from modelfold.data import ImageFolder, load_cifar10
+from modelfold.data.samples import foolbox_samples
+from modelfold.errors import FoldError
 from modelfold.zoo.train import evaluate_accuracy
 
 # The first ten CIFAR-10 test labels (cat, ship, ship, airplane, frog, frog, automobile, ...).
 FIRST_CIFAR10_TEST_LABELS = [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
 
 
-def _foolbox_data() -> Path:
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("foolbox wheel (20 real CIFAR-10/ImageNet images) not installed")
-    return Path(spec.submodule_search_locations[0]) / "data"
-
-
 def _samples(prefix: str) -> list[tuple[Path, int]]:
-    files = sorted(_foolbox_data().glob(f"{prefix}_*"))
+    try:
+        files = foolbox_samples(prefix)
+    except FoldError:
+        pytest.skip("foolbox wheel (20 real CIFAR-10/ImageNet images) not installed")
     assert len(files) == 20
-    return [(f, int(re.search(r"_(\d+)\.\w+$", f.name)[1])) for f in files]
+    return files
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from modelfold.data.images import (
 )
 from modelfold.errors import FoldError
 
-__all__ = ["FOOLBOX_PIP", "foolbox_data_dir", "load_foolbox_cifar10", "load_foolbox_imagenet"]
+__all__ = ["FOOLBOX_PIP", "foolbox_data_dir", "foolbox_samples", "load_foolbox_cifar10",
+           "load_foolbox_imagenet"]
 
 FOOLBOX_PIP = "pip install --no-deps foolbox==3.3.4"
 
@@ -42,7 +43,8 @@ def foolbox_data_dir() -> Path:
     return folder
 
 
-def _samples(prefix: str) -> list[tuple[Path, int]]:
+def foolbox_samples(prefix: str) -> list[tuple[Path, int]]:
+    """(file, label) of the foolbox images named `<prefix>_<index>_<label>`, in file order."""
     pattern = re.compile(rf"^{prefix}_\d+_(\d+)\.(png|jpg)$")
     found = sorted((f, int(m[1])) for f in foolbox_data_dir().iterdir()
                    if (m := pattern.match(f.name)))
@@ -57,7 +59,7 @@ def load_foolbox_imagenet(*, resize: int = 256, crop: int = 224, normalize: bool
     """The 20 ImageNet images as float32 (20, 3, crop, crop) tensors and int64 labels, with the
     standard evaluation transform (short side to `resize`, centre crop, [0, 1], ImageNet
     mean/std when `normalize`): the input torchvision's ImageNet models expect."""
-    samples = _samples("imagenet")
+    samples = foolbox_samples("imagenet")
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalize else (None, None)
     x = torch.stack([imagenet_transform(f, resize=resize, crop=crop, mean=mean, std=std)
                      for f, _ in samples])
@@ -72,7 +74,7 @@ def load_foolbox_cifar10(*, raw: bool = False, normalize: bool = False) -> Tenso
 
     if raw and normalize:
         raise ValueError("raw and normalize exclude each other")
-    samples = _samples("cifar10")
+    samples = foolbox_samples("cifar10")
     pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f, _ in samples])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().contiguous()
     if not raw:
