@@ -43,6 +43,7 @@ def fold(
     calibration: Any = None,
     parts: Iterable[str] = ("mlp",),
     recipe: str | dict | None = None,
+    self_calibrate: bool | None = None,
 ) -> nn.Module:
     """Fold `model`: cluster the channels of every coupled group and merge each cluster.
 
@@ -64,6 +65,10 @@ def fold(
         repair: "none" (Fold-Naive, default), "data" (Fold-R), "approx" (Fold-AR),
             "deep_inversion" (Fold-DIR) or "deep_inversion_debiased"; see `modelfold.repair`.
         calibration: input batches for repair="data" (a tensor, DataLoader or iterable).
+        self_calibrate: the best data-free recipe for any model: the model synthesises its own
+            calibration inputs, channels are merged by what they compute on them, measured
+            sensitivity allocates the budget and the consumers are refitted by least squares
+            (`modelfold.calibrate`; for LLMs the self-generated-text recipe). No real data.
 
     Returns:
         The folded model: a real, smaller `nn.Module` of the same classes.
@@ -76,14 +81,25 @@ def fold(
                             "`config`, `seed`, `inplace`, `device`, `repair` ('none' or "
                             "'self_generated'); `module_ratios` and `calibration` apply to the "
                             "graph-based path only.")
-        if repair is not None:  # fold_llm validates it with the rest of the config
+        if repair is not None or self_calibrate:  # fold_llm validates it with the rest
             base = config.to_dict() if config is not None else FoldConfig(ratio=0.0).to_dict()
-            config = FoldConfig.from_dict({**base, "repair": repair})
+            if repair is not None:
+                base["repair"] = repair
+            if self_calibrate:
+                base = {**base, **llm_self_calibrated(base, parts)}
+            config = FoldConfig.from_dict(base)
         return fold_llm(model, ratio=ratio, target_sparsity=target_sparsity, parts=parts,
                         recipe=recipe, config=config, seed=seed, inplace=inplace, device=device)
     if recipe is not None:
         raise FoldError("`recipe` applies to Hugging Face LLMs; use `module_ratios` here.")
     config = _resolve_config(config, ratio, target_sparsity, seed, module_ratios, repair)
+    if self_calibrate is not None:
+        config = FoldConfig.from_dict({**config.to_dict(), "self_calibrate": self_calibrate})
+    if config.self_calibrate and (config.repair != "none" or config.allocation != "uniform"):
+        raise FoldError("self_calibrate=True chooses its own repair (a least-squares refit) and "
+                        "allocation (measured sensitivity); leave `repair` and `allocation` at "
+                        f"their defaults (got repair={config.repair!r}, "
+                        f"allocation={config.allocation!r}).")
     if config.clusterer == "activation" or config.allocation == "sensitivity":
         raise FoldError(f"clusterer={config.clusterer!r} / allocation={config.allocation!r}: "
                         "'activation' and 'sensitivity' run a Hugging Face causal LM on text it "
@@ -105,7 +121,7 @@ def fold(
     inputs = _to_device(example_inputs, dev)
     reference = reference_output(work, inputs)
 
-    if not repairer.needs_original:
+    if not (repairer.needs_original or config.self_calibrate):
         original = work  # unused by the repair
     elif inplace or _device_of(model) != dev:
         original = copy.deepcopy(work)  # work is still unfolded here
@@ -127,17 +143,28 @@ def fold(
     base_ratio = config.ratio
     if config.target_sparsity is not None:
         base_ratio = solve_ratio(work, discovery, config, params_before)
-    repairer.before_plan(work, discovery, config)
-    ks = None
-    if config.allocation == "inertia":
-        ks = allocate_clusters(work, discovery, config, base_ratio)
-    plan = make_plan(discovery, config, base_ratio, ks)
-    predicted = predicted_parameter_count(work, discovery, {g: p.k for g, p in plan.groups.items()})
-    repairer.before_merge(work, discovery, plan, config)
-    apply_plan(discovery, plan)
+    calibration_report = None
+    if not config.self_calibrate:
+        repairer.before_plan(work, discovery, config)
+        ks = None
+        if config.allocation == "inertia":
+            ks = allocate_clusters(work, discovery, config, base_ratio)
+        plan = make_plan(discovery, config, base_ratio, ks)
+        predicted = predicted_parameter_count(work, discovery,
+                                              {g: p.k for g, p in plan.groups.items()})
+        repairer.before_merge(work, discovery, plan, config)
+        apply_plan(discovery, plan)
     original_training = original.training
     try:
-        repairer.after_merge(original, work, discovery, plan, config, calibration, inputs)
+        if config.self_calibrate:
+            from modelfold.calibrate.graph import self_calibrated_fold
+
+            plan, predicted, calibration_report = self_calibrated_fold(
+                work, original, discovery, config,
+                uniform_clusters(discovery, config, base_ratio), inputs)
+            plan.ratio = base_ratio
+        else:
+            repairer.after_merge(original, work, discovery, plan, config, calibration, inputs)
     finally:
         original.train(original_training)
     work.train(was_training)
@@ -160,9 +187,24 @@ def fold(
         params_before=params_before,
         params_after=params_after,
         factory=getattr(model, FACTORY_ATTR, None),
+        extra={"self_calibration": calibration_report} if calibration_report else {},
     )
     setattr(work, RECORD_ATTR, record)
     return work
+
+
+def llm_self_calibrated(config: dict[str, Any], parts: Iterable[str]) -> dict[str, Any]:
+    """The self-calibrated recipe for a Hugging Face LLM: MLP channels merged by activation on
+    self-generated text, sensitivity allocation, least-squares refit of the down projections;
+    with attention heads too, the heads are clustered on their weights (the activation merge
+    and the sensitivity allocation cover MLP channels only) and the refit stays."""
+    mlp_only = set(parts) == {"mlp"}
+    recipe = {"self_calibrate": True, "repair": "self_generated"}
+    if mlp_only:
+        recipe.update(clusterer="activation", allocation="sensitivity")
+    elif config.get("clusterer") == "activation":
+        recipe["clusterer"] = "kmeans"
+    return recipe
 
 
 def _is_llm(model: Any, example_inputs: Any) -> bool:

@@ -300,6 +300,11 @@ def fold(
         help="Comma-separated names of modules whose channel groups stay unfolded (modules an "
              "error names: ones that never run on the example input, reused or tied ones).")]
     = None,
+    self_calibrate: Annotated[bool, typer.Option(
+        "--self-calibrate",
+        help="Data-free folding calibrated on inputs the model synthesises itself (BN "
+             "statistics inversion or sampled tokens), activation merge, sensitivity "
+             "allocation, least-squares refit of the consumers.")] = False,
     trust_factory: TrustFactory = False,
 ) -> None:
     """Fold a model and save the smaller model to --out."""
@@ -314,7 +319,8 @@ def fold(
     shape = _parse_shape(input_shape)
     cfg = _fold_config(config, {"ratio": ratio, "target_sparsity": target_sparsity,
                                 "seed": seed, "clusterer": clusterer, "repair": repair,
-                                "round_to": round_to, "allocation": allocation}, di_preset)
+                                "round_to": round_to, "allocation": allocation,
+                                "self_calibrate": True if self_calibrate else None}, di_preset)
     if cfg.repair == "data" and calibration is None:
         fail("--repair data needs --calibration (a tensor file, .safetensors or .pt, or "
              "'fashion-mnist').")
@@ -545,6 +551,7 @@ def fold_llm_command(
         help="none or self_generated (least-squares refit of the folded down projections on "
              "text the model generates itself; no external data).")] = "none",
     self_calibrated: Annotated[bool, typer.Option(
+        "--self-calibrated", "--self-calibrate",
         help="The data-free recipe that survives on small LLMs: --clusterer activation "
              "--allocation sensitivity --repair self_generated.")] = False,
     stream: Annotated[bool, typer.Option(

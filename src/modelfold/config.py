@@ -60,6 +60,12 @@ class FoldConfig:
             statistics), "producer" rows (the paper's derivation, white inputs), "full" group
             vectors (the reference code's last version) or "spatial_mean" (summed kernels).
         ar_floor: positive floor of Fold-AR's denominator 1 + (N - 1) rho.
+        self_calibrate: data-free folding calibrated on inputs the model synthesises itself
+            (graph models: BN-statistics inversion or sampled tokens, channels merged by their
+            activations, allocation by measured sensitivity, least-squares refit of the
+            consumers, see `modelfold.calibrate`; LLMs: clusterer "activation", allocation
+            "sensitivity" and repair "self_generated"). Sets the clusterer, allocation and
+            repair itself.
         deep_inversion: `DeepInversionConfig` fields (defaults: the reference's settings; see
             `DeepInversionConfig.preset("cpu")` for a fast one).
     """
@@ -84,6 +90,7 @@ class FoldConfig:
     deep_inversion: dict[str, Any] = field(
         default_factory=lambda: dataclasses.asdict(DeepInversionConfig())
     )
+    self_calibrate: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -130,6 +137,9 @@ class FoldConfig:
             raise FoldError(f"FoldConfig.seed must be an integer, got {self.seed!r}.")
         if not 0 < self.sparsity_tolerance < 1:
             raise FoldError("FoldConfig.sparsity_tolerance must lie in (0, 1).")
+        if not isinstance(self.self_calibrate, bool):
+            raise FoldError(f"FoldConfig.self_calibrate must be true or false, got "
+                            f"{self.self_calibrate!r}.")
         if self.version != CONFIG_VERSION:
             raise FoldError(
                 f"FoldConfig version {self.version} is not supported by this modelfold "

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modelfold.calibrate.activation import centre_merge, merge_maps, ridge_refit
 from modelfold.errors import FoldError
 from modelfold.llm.architectures import DecoderArchitecture
 
@@ -276,35 +277,12 @@ def activation_fold(gram: torch.Tensor, down: torch.Tensor, k: int,
     """(mean_map (k, n), sum_map (k, n), folded down (hidden, k), centres (k,)) from the Gram
     matrix (n, n) of the token-weighted SwiGLU activations: centres = the k largest weighted
     contributions sqrt(E_j) ||d_j|| (E = `centre_energy`, by default diag(G)), every other
-    channel folded into its most correlated centre with its least-squares scale G_jc / G_cc."""
-    n = gram.shape[0]
+    channel folded into its most correlated centre (`modelfold.calibrate.centre_merge`)."""
     energy = gram.diagonal().clamp_min(1e-30)
     ranked = energy if centre_energy is None else centre_energy.to(energy).clamp_min(0)
-    centres = torch.topk(centre_scores(ranked, down), k).indices.sort().values
-    is_centre = torch.zeros(n, dtype=torch.bool, device=gram.device)
-    is_centre[centres] = True
-    members = (~is_centre).nonzero().flatten()
-    cross = gram[members][:, centres]  # (n - k, k)
-    corr = cross / (energy[members, None].sqrt() * energy[None, centres].sqrt())
-    best = corr.abs().argmax(1)
-    alpha = cross[torch.arange(members.numel(), device=gram.device), best] / energy[centres][best]
-    position = torch.arange(k, device=gram.device)
-    mean_map = torch.zeros(k, n, dtype=torch.float32, device=gram.device)
-    mean_map[position, centres] = 1.0
-    sum_map = mean_map.clone()
-    sum_map[best, members] = alpha.float()
+    centres, owner, scale = centre_merge(gram, centre_scores(ranked, down), k)
+    mean_map, sum_map = merge_maps(centres, owner, scale)
     return mean_map, sum_map, down @ sum_map.to(down.device).T, centres
-
-
-def ridge_refit(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, ridge: float
-                ) -> torch.Tensor:
-    """argmin_D ||Y - B D^T||^2 + r ||D - prior||^2 given gram = B^T B and cross = B^T Y,
-    r = ridge * mean(diag(gram))."""
-    gram = gram.double()
-    r = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
-    gram = gram + r * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    rhs = cross.double() + r * prior.double().T.to(cross.device)
-    return torch.linalg.solve(gram, rhs).T.float()
 
 
 @torch.no_grad()
