@@ -43,17 +43,24 @@ def _exact_zeros(d: torch.Tensor, x_sq: torch.Tensor, c_sq: torch.Tensor) -> tor
 
 
 def _plus_plus(
-    x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator
+    x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator,
+    pair: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy k-means++ (as scikit-learn): of 2 + ln k candidates drawn by D^2 sampling, keep
-    the one that lowers the potential most. One matrix product per step gives the distances
-    to all candidates; the winner's column becomes the new closest-center distance."""
+    the one that lowers the potential most. The winner's distances become the new
+    closest-center distances. `pair` (n, n), when given, holds every pairwise squared distance
+    (`_pairwise`), so each step is a row lookup instead of a matrix product with x."""
     n = x.shape[0]
     trials = 2 + int(math.log(k))
+
+    def rows(idx: torch.Tensor) -> torch.Tensor:  # (len(idx), n) distances of idx to all
+        if pair is not None:
+            return pair[idx]
+        return _exact_zeros(_sq_dists(x[idx], x_sq[idx], x), x_sq[idx], x_sq)
+
     first = int(torch.randint(n, (1,), generator=gen))
     centers = [first]
-    closest = _exact_zeros(_sq_dists(x, x_sq, x[first : first + 1]), x_sq,
-                           x_sq[first : first + 1])[:, 0]
+    closest = rows(torch.tensor([first], device=x.device))[0]
     for _ in range(1, k):
         total = float(closest.sum())
         if total <= 0:  # fewer distinct points than k: take any unused point
@@ -64,16 +71,21 @@ def _plus_plus(
             continue
         probs = (closest / total).double().cpu()
         candidates = torch.multinomial(probs, trials, replacement=True, generator=gen)
-        cand = candidates.to(x.device)
-        dists = _exact_zeros(_sq_dists(x, x_sq, x[cand]), x_sq, x_sq[cand])
-        trial = torch.minimum(closest[:, None], dists)
-        j = int(trial.sum(0).argmin())
+        trial = torch.minimum(closest[None, :], rows(candidates.to(x.device)))
+        j = int(trial.sum(1).argmin())
         centers.append(int(candidates[j]))
-        closest = trial[:, j].contiguous()
+        closest = trial[j]
     return x[centers].clone()
 
 
+def _pairwise(x: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
+    """(n, n) squared distances between all rows, exactly 0 between duplicates (symmetric)."""
+    d = _exact_zeros(_sq_dists(x, x_sq, x), x_sq, x_sq)
+    return torch.minimum(d, d.T)  # one matmul can round (i, j) and (j, i) differently
+
+
 _CHUNK_ELEMENTS = 1 << 25  # distance-matrix block: 128 MB of float32 per chunk of rows
+_PAIRWISE_ELEMENTS = 1 << 24  # n x n matrix for seeding up to n = 4096 (64 MB of float32)
 
 
 def _assign(
@@ -210,9 +222,12 @@ def kmeans(
         return KMeansResult(labels, float(((x - x.mean(0)) ** 2).sum()))
     x_sq = (x * x).sum(1)
     gen = torch.Generator().manual_seed(seed)
+    # Up to a few thousand rows, all pairwise distances (one matmul, shared by the restarts)
+    # are cheaper than the ~k (2 + ln k) candidate products that seeding otherwise needs.
+    pair = _pairwise(x, x_sq) if n * n <= _PAIRWISE_ELEMENTS else None
     best: tuple[torch.Tensor, float] | None = None
     for _ in range(n_init):
-        centers = _plus_plus(x, x_sq, k, gen)
+        centers = _plus_plus(x, x_sq, k, gen, pair)
         labels, inertia = _lloyd(x, x_sq, centers, max_iter, tol)
         if hartigan:
             labels = _hartigan(x, x_sq, labels, k, max_iter)
