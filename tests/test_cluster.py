@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -100,6 +101,109 @@ def test_chunked_distances_give_the_same_clustering(monkeypatch):
     chunked = kmeans(x, 200, seed=0, hartigan=True)
     assert torch.equal(whole.labels, chunked.labels)
     assert chunked.inertia == pytest.approx(whole.inertia, rel=1e-5)
+
+
+def true_inertia(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    xc = x.double() - x.double().mean(0)
+    counts = torch.bincount(labels, minlength=k)
+    cent = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, labels, xc)
+    return float(((xc - cent[labels] / counts[labels, None]) ** 2).sum())
+
+
+def reference_kmeans(x: torch.Tensor, k: int, n_init: int = 3, seed: int = 0):
+    """Plain float64 greedy k-means++ and Lloyd, drawing from the generator exactly as
+    `kmeans` does, with explicit centroids and no shortcuts: (canonical labels, inertia)."""
+    x = x.double() - x.double().mean(0)
+    n, trials = x.shape[0], 2 + int(math.log(k))
+    gen = torch.Generator().manual_seed(seed)
+    best = None
+    for _ in range(n_init):
+        chosen = [int(torch.randint(n, (1,), generator=gen))]
+        closest = ((x - x[chosen[0]]) ** 2).sum(1)
+        for _ in range(1, k):
+            cand = torch.multinomial(closest, trials, replacement=True, generator=gen)
+            trial = torch.minimum(closest, torch.cdist(x[cand], x) ** 2)
+            j = int(trial.sum(1).argmin())
+            chosen.append(int(cand[j]))
+            closest = trial[j]
+        centers, previous = x[chosen], None
+        for _ in range(100):
+            labels = (torch.cdist(x, centers) ** 2).argmin(1)
+            if previous is not None and torch.equal(labels, previous):
+                break
+            previous = labels
+            counts = torch.bincount(labels, minlength=k)
+            assert counts.min() > 0  # these test problems never empty a cluster
+            centers = torch.zeros_like(centers).index_add_(0, labels, x) / counts[:, None]
+        labels = (torch.cdist(x, centers) ** 2).argmin(1)
+        inertia = float(((x - centers[labels]) ** 2).sum())
+        if best is None or inertia < best[1]:
+            best = (canonical_labels(labels), inertia)
+    return best
+
+
+@pytest.mark.parametrize(("k", "seed"), [(5, 0), (12, 1), (40, 2)])
+def test_kmeans_matches_a_plain_reference_implementation(k, seed):
+    x, _ = blobs(k=8, per=12, d=6, seed=seed)
+    x = x + 3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    labels, inertia = reference_kmeans(x, k, seed=seed)
+    ours = kmeans(x, k, seed=seed)
+    assert torch.equal(ours.labels, labels)
+    assert ours.inertia == pytest.approx(inertia, rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [30, 200, 280])
+def test_pairwise_matrix_path_gives_the_same_clustering(monkeypatch, k):
+    """Up to a few thousand rows seeding and Lloyd read one pairwise distance matrix; beyond,
+    they take matrix products with x. Both compute the same clustering."""
+    km = importlib.import_module("modelfold.cluster.kmeans")  # the module, not the function
+
+    x = lowrank_rows()
+    fast = kmeans(x, k, seed=0)
+    monkeypatch.setattr(km, "_PAIRWISE_ELEMENTS", 0)
+    direct = kmeans(x, k, seed=0)
+    assert torch.equal(fast.labels, direct.labels)
+    # each reports its partition's true inertia (the pairwise path has exact zeros for
+    # singletons, the direct one float32 rounding noise)
+    true = true_inertia(x, fast.labels, k)
+    assert fast.inertia == pytest.approx(true, rel=1e-5)
+    assert direct.inertia == pytest.approx(true, rel=1e-4)
+
+
+def test_pairwise_assignment_equals_distances_to_explicit_centers():
+    km = importlib.import_module("modelfold.cluster.kmeans")
+    x = lowrank_rows(n=120, d=20, seed=7)
+    x = x - x.mean(0)
+    x_sq = (x * x).sum(1)
+    pair = km._pairwise(x, x_sq)
+    seeds = torch.randperm(120, generator=torch.Generator().manual_seed(0))[:15]
+    members = torch.arange(120) % 15
+    members[members == 4] = 3  # cluster 4 is empty: it sits on a re-seeded row
+    centers = torch.zeros(15, 20).index_add_(0, members, x)
+    centers /= torch.bincount(members, minlength=15).clamp_min(1)[:, None]
+    centers[4] = x[99]
+    labels, dist = km._pair_assign(pair, seeds, members, {4: 99})
+    ref_labels, ref_dist = km._assign(x, x_sq, centers)
+    assert torch.equal(labels, ref_labels)
+    assert torch.allclose(dist, ref_dist, rtol=1e-4, atol=1e-4)
+    labels, dist = km._pair_assign(pair, seeds, None, {})
+    assert torch.equal(labels, km._assign(x, x_sq, x[seeds])[0])
+
+
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_duplicates_fold_losslessly(monkeypatch, pairwise):
+    km = importlib.import_module("modelfold.cluster.kmeans")
+    if not pairwise:
+        monkeypatch.setattr(km, "_PAIRWISE_ELEMENTS", 0)
+    base = lowrank_rows(n=40, d=12, seed=5)
+    x = torch.cat([base, base[:25]])  # k = 40: every duplicate joins its twin, inertia 0
+    res = kmeans(x, 40, seed=0)
+    assert torch.equal(res.labels[40:], res.labels[:25])
+    assert torch.equal(res.labels[:40], torch.arange(40))
+    if pairwise:  # duplicates are exactly 0 apart in the pairwise matrix
+        assert res.inertia == 0.0
+    else:
+        assert res.inertia == pytest.approx(0.0, abs=1e-3)
 
 
 def test_edge_cases_of_k():

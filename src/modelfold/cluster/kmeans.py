@@ -43,37 +43,48 @@ def _exact_zeros(d: torch.Tensor, x_sq: torch.Tensor, c_sq: torch.Tensor) -> tor
 
 
 def _plus_plus(
-    x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator
+    x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator,
+    pair: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Greedy k-means++ (as scikit-learn): of 2 + ln k candidates drawn by D^2 sampling, keep
-    the one that lowers the potential most. One matrix product per step gives the distances
-    to all candidates; the winner's column becomes the new closest-center distance."""
+    """Row indices of k centers by greedy k-means++ (as scikit-learn): of 2 + ln k candidates
+    drawn by D^2 sampling, keep the one that lowers the potential most; the winner's distances
+    become the new closest-center distances. `pair` (n, n), when given, holds every pairwise
+    squared distance (`_pairwise`), so each step is a row lookup instead of a matrix product
+    with x. The loop runs k times: it keeps to a handful of torch calls per step."""
     n = x.shape[0]
     trials = 2 + int(math.log(k))
+
+    def rows(idx: torch.Tensor) -> torch.Tensor:  # (len(idx), n) distances of idx to all
+        if pair is not None:
+            return pair.index_select(0, idx)
+        return _exact_zeros(_sq_dists(x[idx], x_sq[idx], x), x_sq[idx], x_sq)
+
     first = int(torch.randint(n, (1,), generator=gen))
     centers = [first]
-    closest = _exact_zeros(_sq_dists(x, x_sq, x[first : first + 1]), x_sq,
-                           x_sq[first : first + 1])[:, 0]
+    closest = rows(torch.tensor([first], device=x.device))[0]
     for _ in range(1, k):
-        total = float(closest.sum())
-        if total <= 0:  # fewer distinct points than k: take any unused point
+        weights = closest.double().cpu()  # multinomial normalises D^2 itself
+        if not float(weights.sum()) > 0:  # fewer distinct points than k: take an unused one
             unused = torch.ones(n, dtype=torch.bool, device=x.device)
             unused[centers] = False
-            nxt = int(torch.nonzero(unused)[0])
-            centers.append(nxt)
+            centers.append(int(torch.nonzero(unused)[0]))
             continue
-        probs = (closest / total).double().cpu()
-        candidates = torch.multinomial(probs, trials, replacement=True, generator=gen)
-        cand = candidates.to(x.device)
-        dists = _exact_zeros(_sq_dists(x, x_sq, x[cand]), x_sq, x_sq[cand])
-        trial = torch.minimum(closest[:, None], dists)
-        j = int(trial.sum(0).argmin())
-        centers.append(int(candidates[j]))
-        closest = trial[:, j].contiguous()
-    return x[centers].clone()
+        candidates = torch.multinomial(weights, trials, replacement=True, generator=gen)
+        trial = torch.minimum(closest, rows(candidates.to(x.device)))
+        j = int(trial.sum(1).argmin())
+        centers.append(candidates.tolist()[j])
+        closest = trial[j]
+    return torch.tensor(centers, device=x.device)
+
+
+def _pairwise(x: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
+    """(n, n) squared distances between all rows, exactly 0 between duplicates (symmetric)."""
+    d = _exact_zeros(_sq_dists(x, x_sq, x), x_sq, x_sq)
+    return torch.minimum(d, d.T)  # one matmul can round (i, j) and (j, i) differently
 
 
 _CHUNK_ELEMENTS = 1 << 25  # distance-matrix block: 128 MB of float32 per chunk of rows
+_PAIRWISE_ELEMENTS = 1 << 24  # n x n matrix for seeding up to n = 4096 (64 MB of float32)
 
 
 def _assign(
@@ -91,33 +102,77 @@ def _assign(
     return labels, dist
 
 
+def _pair_assign(
+    pair: torch.Tensor, seeds: torch.Tensor, members: torch.Tensor | None,
+    reseeded: dict[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_assign` from the pairwise matrix alone, O(n^2) instead of O(n k d). The centers are
+    the rows `seeds` while `members` is None, else the means of the rows `members` labels c,
+    |x - mean|^2 = mean_m |x - x_m|^2 - mean_{m, m'} |x_m - x_m'|^2 / 2, except the clusters
+    in `reseeded` (cluster -> row), which sit on that row (every cluster without members
+    must be among them). Few, large torch calls: each one is a thread-pool round trip."""
+    if members is None:
+        d = pair.index_select(1, seeds)
+    else:
+        # (n, k) layout throughout: torch's min over dim 1 is far faster than over dim 0.
+        n, k = pair.shape[0], seeds.numel()
+        sums = torch.zeros(n, k, dtype=pair.dtype, device=pair.device).index_add_(1, members,
+                                                                                pair)
+        inv = torch.bincount(members, minlength=k).clamp_min_(1).to(pair.dtype).reciprocal_()
+        own = sums.gather(1, members[:, None]).squeeze(1)
+        spread = torch.zeros(k, dtype=pair.dtype, device=pair.device).index_add_(0, members,
+                                                                                own)
+        d = torch.addcmul(spread * inv * inv * -0.5, sums, inv)
+        if reseeded:
+            cols = torch.tensor(list(reseeded), device=pair.device)
+            rows = torch.tensor(list(reseeded.values()), device=pair.device)
+            d.index_copy_(1, cols, pair.index_select(1, rows))
+    dist, labels = d.min(1)
+    return labels, dist.clamp_min_(0)
+
+
 def _lloyd(
-    x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor, max_iter: int, tol: float
+    x: torch.Tensor, x_sq: torch.Tensor, seeds: torch.Tensor, max_iter: int, tol: float,
+    pair: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Lloyd iterations with scikit-learn's stopping rules: labels unchanged (strict
-    convergence) or total squared center shift <= tol * mean feature variance."""
-    n, k = x.shape[0], centers.shape[0]
-    scale = float(x.var(0).mean()) if n > 1 else 1.0
+    """Lloyd iterations from the rows `seeds` with scikit-learn's stopping rules: labels
+    unchanged (strict convergence) or total squared center shift <= tol * mean feature
+    variance. With `pair` (`_pairwise`) the assignments read distances from it."""
+    n, k = x.shape[0], seeds.numel()
+    centers = x[seeds]
+    # Centers as `_pair_assign` sees them: the seed rows, then the means of the rows `members`
+    # labels c except re-seeded empty clusters (cluster -> row).
+    members: torch.Tensor | None = None
+    reseeded: dict[int, int] = {}
+
+    def assign() -> tuple[torch.Tensor, torch.Tensor]:
+        if pair is not None:
+            return _pair_assign(pair, seeds, members, reseeded)
+        return _assign(x, x_sq, centers)
+
+    scale = float(x_sq.sum()) / ((n - 1) * max(x.shape[1], 1)) if n > 1 else 1.0  # x is centred
     previous = None
     for _ in range(max_iter):
-        labels, dist = _assign(x, x_sq, centers)
+        labels, dist = assign()
         if previous is not None and torch.equal(labels, previous):
             break
         previous = labels
         counts = torch.bincount(labels, minlength=k)
         new = torch.zeros_like(centers).index_add_(0, labels, x)
+        reseeded = {}
         empty = counts == 0
         if bool(empty.any()):  # re-seed empty clusters with the worst-fitted points
             worst = dist.argsort(descending=True)
             for j, c in enumerate(torch.nonzero(empty).flatten().tolist()):
                 new[c] = x[worst[j]]
                 counts[c] = 1
+                reseeded[c] = int(worst[j])
         new /= counts[:, None].to(new.dtype)
         shift = float(((new - centers) ** 2).sum())
-        centers = new
+        centers, members = new, labels
         if shift <= tol * max(scale, 1e-30):
             break
-    labels, dist = _assign(x, x_sq, centers)
+    labels, dist = assign()
     # A final assignment can empty a cluster when points coincide; give it its own center's
     # nearest point so exactly k clusters remain.
     counts = torch.bincount(labels, minlength=k)
@@ -210,10 +265,13 @@ def kmeans(
         return KMeansResult(labels, float(((x - x.mean(0)) ** 2).sum()))
     x_sq = (x * x).sum(1)
     gen = torch.Generator().manual_seed(seed)
+    # Up to a few thousand rows, all pairwise distances (one matmul, shared by the restarts)
+    # are cheaper than the ~k (2 + ln k) candidate products that seeding otherwise needs.
+    pair = _pairwise(x, x_sq) if n * n <= _PAIRWISE_ELEMENTS else None
     best: tuple[torch.Tensor, float] | None = None
     for _ in range(n_init):
-        centers = _plus_plus(x, x_sq, k, gen)
-        labels, inertia = _lloyd(x, x_sq, centers, max_iter, tol)
+        seeds = _plus_plus(x, x_sq, k, gen, pair)
+        labels, inertia = _lloyd(x, x_sq, seeds, max_iter, tol, pair)
         if hartigan:
             labels = _hartigan(x, x_sq, labels, k, max_iter)
             inertia = _inertia(x, labels, k)
