@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from modelfold.graph import discover_groups
-from modelfold.merge.handlers import find_attention_handler, find_layer_handler
+from modelfold.merge.handlers import find_layer_handler
 from modelfold.merge.layout import SlotLayout
 
 
@@ -27,9 +27,7 @@ def plant_duplicates(model: torch.nn.Module, example) -> int:
             continue
         half = group.n // 2
         if group.kind == "heads":
-            module = group.slots[0].module
-            handler = find_attention_handler(module)
-            for tensor, axis, _ in handler.head_blocks(module):
+            for tensor, axis, _ in group.head_blocks():
                 _copy_heads(tensor, axis, group.n, half)
         else:
             for slot in group.slots:

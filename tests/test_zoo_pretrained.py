@@ -353,8 +353,9 @@ def test_minilm_folds_saves_and_loads(minilm, tokenizer, tmp_path, monkeypatch) 
     from modelfold.record import get_record
 
     folded_groups = [g.name for g in get_record(folded).groups if g.status == "folded"]
-    assert len(folded_groups) == 3  # the three MLPs; attention and the residual stream kept
+    assert len(folded_groups) == 6  # the three MLPs and attention heads; residual stream kept
     assert folded.bert.encoder.layer[0].intermediate.dense.out_features == 1382
+    assert folded.bert.encoder.layer[0].attention.self.num_attention_heads == 11
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(minilm(*inputs), folded(*inputs))
     assert (cos > 0.8).all(), cos

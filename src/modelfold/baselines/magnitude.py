@@ -21,7 +21,7 @@ from modelfold.cluster.features import head_block
 from modelfold.errors import FoldError
 from modelfold.graph import ChannelGroup
 from modelfold.merge.apply import ChannelMap
-from modelfold.merge.handlers import find_attention_handler, find_layer_handler
+from modelfold.merge.handlers import find_layer_handler
 from modelfold.merge.layout import SlotLayout
 
 _FILTERS = (nn.Linear, nn.modules.conv._ConvNd)
@@ -30,10 +30,8 @@ _FILTERS = (nn.Linear, nn.modules.conv._ConvNd)
 def channel_norms(group: ChannelGroup, p: int) -> torch.Tensor:
     """Per-channel Lp norm of the group's producer filters (summed over producers)."""
     if group.kind == "heads":
-        module = group.slots[0].module
-        handler = find_attention_handler(module)
         blocks = [head_block(t, axis, group.n)
-                  for t, axis, reduce in handler.head_blocks(module) if reduce == "mean"]
+                  for t, axis, reduce in group.head_blocks() if reduce == "mean"]
         return sum(torch.linalg.vector_norm(b.double(), ord=p, dim=1) for b in blocks)
     total = torch.zeros(group.n, dtype=torch.float64)
     producers = [s for s in group.slots if s.role == "producer"]

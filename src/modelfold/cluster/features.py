@@ -9,7 +9,7 @@ import torch
 
 from modelfold.errors import FoldError
 from modelfold.graph.groups import ChannelGroup
-from modelfold.merge.handlers import find_attention_handler, find_layer_handler
+from modelfold.merge.handlers import find_layer_handler
 from modelfold.merge.layout import SlotLayout
 
 
@@ -18,13 +18,13 @@ def channel_blocks(group: ChannelGroup) -> Iterator[tuple[str, Any, torch.Tensor
 
     `block` is the (n, e) matrix of the tensor's slices per channel (per head for a head group);
     `role` is "producer" (rows averaged by folding) or "consumer" (columns summed)."""
+    if group.kind == "heads":
+        module = group.slots[0].module
+        for tensor, axis, reduce in group.head_blocks():
+            role = "producer" if reduce == "mean" else "consumer"
+            yield role, module, tensor, head_block(tensor, axis, group.n)
+        return
     for slot in group.slots:
-        if group.kind == "heads":
-            handler = find_attention_handler(slot.module)
-            for tensor, axis, reduce in handler.head_blocks(slot.module):
-                role = "producer" if reduce == "mean" else "consumer"
-                yield role, slot.module, tensor, head_block(tensor, axis, group.n)
-            continue
         handler = find_layer_handler(slot.module, slot.name)
         layout = SlotLayout.build(slot.idxs, slot.root_idxs, group.n, slot.name)
         for tensor, axis in handler.tensors(slot.module, slot.role):

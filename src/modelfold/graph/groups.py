@@ -28,6 +28,7 @@ from modelfold.graph.channel_ops import (
     through,
 )
 from modelfold.merge.handlers import (
+    AttentionHandler,
     attention_pruners,
     find_attention_handler,
     find_layer_handler,
@@ -54,7 +55,8 @@ class ChannelGroup:
     """n channels shared by several tensor slots; folded with one clustering.
 
     kind="channels": a Torch-Pruning group rooted at `root` (its output channels).
-    kind="heads": the heads of one attention module (units of head_dim rows).
+    kind="heads": the heads of one attention module (units of head_dim rows); its first slot is
+    the attention module, a second one its output projection when the module does not own it.
     """
 
     name: str
@@ -72,6 +74,25 @@ class ChannelGroup:
 
     def module_names(self) -> list[str]:
         return [s.name for s in self.slots]
+
+    def attention(self) -> tuple[AttentionHandler, nn.Module, nn.Module | None]:
+        """(rule, attention module, output projection found in the graph or None) of a head
+        group."""
+        module = self.slots[0].module
+        handler = find_attention_handler(module)
+        if self.kind != "heads" or handler is None:
+            raise FoldError(f"group {self.name!r} is not a head group of a known attention rule")
+        out = self.slots[1].module if len(self.slots) > 1 else None
+        return handler, module, out
+
+    def head_blocks(self) -> list[tuple[torch.Tensor, int, str]]:
+        """(tensor, axis, reduce) triples of a head group, each axis heads x head_dim."""
+        handler, module, out = self.attention()
+        return handler.head_blocks(module, out)
+
+    def head_dim(self) -> int:
+        handler, module, _ = self.attention()
+        return handler.head_dim(module)
 
 
 @dataclass
@@ -369,7 +390,7 @@ def discover_groups(
     calls.check(names, ignored_ids)
 
     root_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *customized)
-    handled = [m for m in model.modules() if find_attention_handler(m) is not None]
+    handled = [m for m in model.modules() if isinstance(m, tuple(customized))]
     owners, suspicious = spans.owners(graph, tuple(customized))
     internal = _internal_ops(graph, handled) | {
         id(node) for node in graph.module2node.values()
@@ -421,10 +442,46 @@ def discover_groups(
         group = ChannelGroup(name=f"{name}.heads", n=n, kind="heads",
                              slots=[Slot(name, module, "producer", list(range(n)),
                                          list(range(n)))])
-        if id(module) in ignored_ids:
+        if not handler.owns_output:
+            _attach_output(group, handler, module, groups)
+        parts = [module, *handler.projections(module), *(s.module for s in group.slots[1:])]
+        if any(id(p) in ignored_ids for p in parts):
             group.ignored_by = name
         groups.append(group)
     return GroupDiscovery(graph=graph, groups=groups, module_names=names)
+
+
+def _attach_output(group: ChannelGroup, handler: AttentionHandler, module: nn.Module,
+                   groups: list[ChannelGroup]) -> None:
+    """Find the output projection of an attention module that does not own it: the Linear
+    reading the attention output, i.e. the one consumer of the channel group that q, k and v
+    write (Torch-Pruning couples them all through the attention ops). That channel group is
+    then folded as whole heads only."""
+    qkv = handler.projections(module)
+    width = handler.num_heads(module) * handler.head_dim(module)
+    found = [g for g in groups if g.kind == "channels" and any(
+        s.module is qkv[2] and s.role == "producer" for s in g.slots)]
+    if len(found) != 1:
+        group.unsafe = "the value projection's output channels are not traced as one group"
+        return
+    channels = found[0]
+    others = [s for s in channels.slots if all(s.module is not p for p in qkv)]
+    outs = [s for s in others if s.role == "consumer" and isinstance(s.module, nn.Linear)]
+    if len(outs) != 1 or len(others) != 1:
+        names = sorted({s.name for s in others}) or ["nothing"]
+        group.unsafe = (f"the attention output must reach exactly one Linear (the output "
+                        f"projection), but q/k/v share channels with {names[:4]}")
+        return
+    out = outs[0]
+    if out.module.in_features != width:
+        group.unsafe = (f"the output projection {out.name!r} reads {out.module.in_features} "
+                        f"channels, not heads x head size = {width}")
+        return
+    n = group.n
+    group.slots.append(Slot(out.name, out.module, "consumer", list(range(n)), list(range(n))))
+    if not channels.folds_output and channels.ignored_by is None:
+        channels.unsafe = (f"channels inside attention heads, folded as whole heads (group "
+                           f"{group.name!r})")
 
 
 class _ModuleSpans:

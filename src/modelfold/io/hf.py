@@ -62,7 +62,13 @@ _VALIDATOR = jsonschema.Draft202012Validator(HF_SCHEMA)
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    return hasattr(model, "save_pretrained") and hasattr(model, "config")
+    """A Hugging Face LLM of a supported family (other Hugging Face models, e.g. a BertModel,
+    are saved like any module, with a factory)."""
+    from modelfold.llm.architectures import supported_model_types
+
+    if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
+        return False
+    return getattr(model.config, "model_type", None) in supported_model_types()
 
 
 def hf_files(manifest: dict[str, Any]) -> set[str]:

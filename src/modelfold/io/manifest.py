@@ -26,6 +26,7 @@ SHAPE_ATTRS = frozenset({
     "in_channels", "out_channels", "in_features", "out_features", "num_features",
     "normalized_shape", "groups", "num_heads", "head_dim", "embed_dim", "num_parameters",
     "num_embeddings", "embedding_dim", "num_channels", "num_groups",
+    "num_attention_heads", "all_head_size",
 })
 
 # safetensors header dtype codes -> torch dtype names a manifest may record
@@ -192,7 +193,7 @@ def check_module_attrs(model: nn.Module, attrs: dict[str, dict[str, Any]], where
 
 
 def _inconsistency(m: nn.Module) -> str | None:
-    from modelfold.merge.handlers import find_attention_handler
+    from modelfold.merge.handlers import find_attention_handler, head_count_attrs
 
     if isinstance(m, nn.modules.conv._ConvNd):
         w = m.weight.shape
@@ -220,8 +221,9 @@ def _inconsistency(m: nn.Module) -> str | None:
     if isinstance(m, nn.PReLU):
         ok = m.num_parameters == m.weight.numel()
         return None if ok else f"num_parameters={m.num_parameters}"
-    if hasattr(m, "num_heads") and find_attention_handler(m) is None:
-        return "num_heads x head_dim does not match the projections"
+    heads = sorted(a for a in head_count_attrs() if hasattr(m, a))
+    if heads and find_attention_handler(m) is None:
+        return f"{heads[0]} x head size does not match the projections"
     return None
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from modelfold.graph.groups import ChannelGroup, GroupDiscovery
-from modelfold.merge.handlers import find_attention_handler, find_layer_handler
+from modelfold.merge.handlers import find_layer_handler
 from modelfold.merge.layout import SlotLayout
 from modelfold.merge.plan import FoldPlan, GroupPlan
 
@@ -95,8 +95,8 @@ def remove_channels(discovery: GroupDiscovery, group: ChannelGroup, keep: list[i
     kept = set(keep)
     drop = [i for i in range(group.n) if i not in kept]
     if group.kind == "heads":
-        module = group.slots[0].module
-        find_attention_handler(module).remove_heads(module, drop)
+        handler, module, out = group.attention()
+        handler.remove_heads(module, drop, out)
         return
     root = discovery.refresh(group).slots[0].module
     graph = discovery.graph
@@ -105,11 +105,9 @@ def remove_channels(discovery: GroupDiscovery, group: ChannelGroup, keep: list[i
 
 
 def _mix_heads(group: ChannelGroup, cmap: ChannelMap) -> None:
-    module = group.slots[0].module
-    handler = find_attention_handler(module)
-    d, n = handler.head_dim(module), group.n
+    d, n = group.head_dim(), group.n
     layout = SlotLayout.build(list(range(n * d)), [i // d for i in range(n * d)], n, group.name)
-    for tensor, axis, reduce in handler.head_blocks(module):
+    for tensor, axis, reduce in group.head_blocks():
         tensor.data.copy_(layout.mix(tensor, axis, cmap.matrix(reduce), cmap.keep))
 
 
@@ -128,11 +126,8 @@ def predicted_parameter_count(
             continue
         seen: set[tuple[int, int]] = set()
         if group.kind == "heads":
-            module = group.slots[0].module
-            handler = find_attention_handler(module)
-            per = handler.head_dim(module)
-            pairs = [(t, a) for t, a, _ in handler.head_blocks(module)]
-            pairs = [(t, a, per) for t, a in pairs]
+            per = group.head_dim()
+            pairs = [(t, a, per) for t, a, _ in group.head_blocks()]
         else:
             pairs = []
             for slot in group.slots:

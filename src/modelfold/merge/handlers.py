@@ -122,79 +122,115 @@ def _ln_tensors(m: nn.LayerNorm, role: str) -> list[TensorAxis]:
 
 
 class AttentionEmbedPruner(tp.pruner.BasePruningFunc):
-    """Torch-Pruning rule for an attention block's model-width (embedding) axis.
+    """Torch-Pruning rule for the model-width (embedding) axis of an attention block that owns
+    its output projection (Torch-Pruning then treats the whole block as one layer).
 
-    Output channels are o_proj rows; input channels are q/k/v columns. The two are distinct, so
-    Torch-Pruning couples them only through the residual stream, as it should. The head axis is
-    folded separately (`AttentionHandler`).
+    Output channels are output-projection rows; input channels are q/k/v columns. The two are
+    distinct, so Torch-Pruning couples them only through the residual stream, as it should. The
+    head axis is folded separately (`AttentionHandler`).
     """
 
     def prune_out_channels(self, layer: nn.Module, idxs):
-        tp.prune_linear_out_channels(layer.o_proj, idxs)
+        tp.prune_linear_out_channels(_handler(layer).output(layer), idxs)
         return layer
 
     def prune_in_channels(self, layer: nn.Module, idxs):
-        for proj in (layer.q_proj, layer.k_proj, layer.v_proj):
+        for proj in _handler(layer).projections(layer):
             tp.prune_linear_in_channels(proj, idxs)
         return layer
 
     def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.o_proj.out_features
+        return _handler(layer).output(layer).out_features
 
     def get_in_channels(self, layer: nn.Module) -> int:
-        return layer.q_proj.in_features
+        return _handler(layer).projections(layer)[0].in_features
 
 
 def _attention_embed_tensors(m: nn.Module, role: str) -> list[TensorAxis]:
+    handler = _handler(m)
     if role == "producer":
-        return _weight_bias(m.o_proj, 0)
-    return [(p.weight, 1) for p in (m.q_proj, m.k_proj, m.v_proj)]
+        return _weight_bias(handler.output(m), 0)
+    return [(p.weight, 1) for p in handler.projections(m)]
 
 
 @dataclass(frozen=True)
 class AttentionHandler:
-    """Folds whole heads of a self-attention module with q/k/v/o projections.
+    """Folds whole heads of a self-attention module, described by its attribute names.
 
-    Head h owns rows [h*d, (h+1)*d) of q, k, v and the same columns of o. Heads of a cluster are
-    averaged on the q/k/v side and summed on the o side, so duplicated heads fold exactly and
-    rotary embeddings (which act inside a head) stay consistent.
+    The module holds the q/k/v projections (Linear attributes `q`, `k`, `v`), its number of
+    heads (`heads_attr`) and head size (`dim_attr`). Head h owns rows [h*d, (h+1)*d) of q, k, v
+    and the same columns of the output projection. Heads of a cluster are averaged on the q/k/v
+    side and summed on the output side, so duplicated heads fold exactly and rotary embeddings
+    (which act inside a head) stay consistent.
+
+    The output projection is the module's attribute `o` when the module owns it (Torch-Pruning
+    then sees the whole module as one layer, see `AttentionEmbedPruner`). With `o=None` the
+    module ends at the attention output (BERT's BertSelfAttention, whose output projection is
+    BertSelfOutput.dense): its projections are traced as plain Linears and the output projection
+    is the Linear that consumes the attention output in the traced graph (`graph.groups`).
+    `width_attrs` are attributes equal to heads x head size, updated with the head count.
     """
 
     name: str
     matches: Callable[[Any], bool]
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str | None = "o_proj"
+    heads_attr: str = "num_heads"
+    dim_attr: str = "head_dim"
+    width_attrs: tuple[str, ...] = ()
 
-    @staticmethod
-    def num_heads(m: nn.Module) -> int:
-        return int(m.num_heads)
+    @property
+    def owns_output(self) -> bool:
+        return self.o is not None
 
-    @staticmethod
-    def head_dim(m: nn.Module) -> int:
-        return int(m.head_dim)
+    def num_heads(self, m: nn.Module) -> int:
+        return int(getattr(m, self.heads_attr))
 
-    @staticmethod
-    def head_blocks(m: nn.Module) -> list[tuple[torch.Tensor, int, str]]:
+    def head_dim(self, m: nn.Module) -> int:
+        return int(getattr(m, self.dim_attr))
+
+    def projections(self, m: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return getattr(m, self.q), getattr(m, self.k), getattr(m, self.v)
+
+    def output(self, m: nn.Module, out: nn.Module | None = None) -> nn.Linear:
+        """The output projection: `out` (found in the traced graph) or the attribute `o`."""
+        if out is not None:
+            return out
+        if self.o is None:
+            raise FoldError(f"{type(m).__name__}: its output projection is found in the traced "
+                            "graph (a head group's second slot); pass it as `out`.")
+        return getattr(m, self.o)
+
+    def head_blocks(self, m: nn.Module, out: nn.Module | None = None
+                    ) -> list[tuple[torch.Tensor, int, str]]:
         """(tensor, axis, reduce) triples whose axis is heads x head_dim."""
-        blocks = [(t, axis, "mean") for proj in (m.q_proj, m.k_proj, m.v_proj)
+        blocks = [(t, axis, "mean") for proj in self.projections(m)
                   for t, axis in _weight_bias(proj, 0)]
-        blocks.append((m.o_proj.weight, 1, "sum"))
+        blocks.append((self.output(m, out).weight, 1, "sum"))
         return blocks
 
-    @staticmethod
-    def remove_heads(m: nn.Module, drop: list[int]) -> None:
-        """Physically drop heads `drop` (their q/k/v rows and o columns)."""
-        d = m.head_dim
+    def remove_heads(self, m: nn.Module, drop: list[int], out: nn.Module | None = None) -> None:
+        """Physically drop heads `drop` (their q/k/v rows and output-projection columns)."""
+        d = self.head_dim(m)
         rows = [h * d + j for h in drop for j in range(d)]
-        for proj in (m.q_proj, m.k_proj, m.v_proj):
+        for proj in self.projections(m):
             tp.prune_linear_out_channels(proj, rows)
-        tp.prune_linear_in_channels(m.o_proj, rows)
-        m.num_heads = m.num_heads - len(drop)
+        tp.prune_linear_in_channels(self.output(m, out), rows)
+        heads = self.num_heads(m) - len(drop)
+        setattr(m, self.heads_attr, heads)
+        for attr in self.width_attrs:
+            setattr(m, attr, heads * d)
+
+
+def _linears(m: Any, names: tuple[str, ...]) -> bool:
+    return isinstance(m, nn.Module) and all(
+        isinstance(getattr(m, n, None), nn.Linear) for n in names)
 
 
 def _is_mha_like(m: Any) -> bool:
-    names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    if not isinstance(m, nn.Module) or not all(
-        isinstance(getattr(m, n, None), nn.Linear) for n in names
-    ):
+    if not _linears(m, ("q_proj", "k_proj", "v_proj", "o_proj")):
         return False
     heads, head_dim = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
     if not isinstance(heads, int) or not isinstance(head_dim, int):
@@ -203,13 +239,33 @@ def _is_mha_like(m: Any) -> bool:
     return kv_heads == heads and m.q_proj.out_features == heads * head_dim
 
 
+def _is_bert_like(m: Any) -> bool:
+    """BERT-style self-attention (BERT, RoBERTa, ELECTRA, ... in transformers): query/key/value
+    Linears, num_attention_heads x attention_head_size == all_head_size, no output projection
+    of its own and no grouped key/value heads."""
+    if not _linears(m, ("query", "key", "value")) or hasattr(m, "num_key_value_groups"):
+        return False
+    heads, size = getattr(m, "num_attention_heads", None), getattr(m, "attention_head_size", None)
+    if not isinstance(heads, int) or not isinstance(size, int) or isinstance(heads, bool):
+        return False
+    width = heads * size
+    return (getattr(m, "all_head_size", width) == width
+            and all(p.out_features == width for p in (m.query, m.key, m.value)))
+
+
 _ATTENTION_HANDLERS: list[AttentionHandler] = [
     AttentionHandler("multi-head attention (q_proj/k_proj/v_proj/o_proj, num_heads, head_dim)",
                      _is_mha_like),
+    AttentionHandler("BERT-style self-attention (query/key/value, num_attention_heads, "
+                     "attention_head_size; output projection: the Linear reading its output)",
+                     _is_bert_like, q="query", k="key", v="value", o=None,
+                     heads_attr="num_attention_heads", dim_attr="attention_head_size",
+                     width_attrs=("all_head_size",)),
 ]
 
 
 def register_attention_handler(handler: AttentionHandler) -> None:
+    """Add a head-folding rule; user rules go first so they win over the built-in ones."""
     _ATTENTION_HANDLERS.insert(0, handler)
 
 
@@ -220,10 +276,33 @@ def find_attention_handler(module: Any) -> AttentionHandler | None:
     return None
 
 
+def supported_attention() -> str:
+    """The attention layouts whose heads are folded, for messages."""
+    return "; ".join(h.name for h in _ATTENTION_HANDLERS)
+
+
+def head_count_attrs() -> set[str]:
+    """Attribute names holding a head count under some attention rule."""
+    return {h.heads_attr for h in _ATTENTION_HANDLERS}
+
+
+def _handler(m: nn.Module) -> AttentionHandler:
+    handler = find_attention_handler(m)
+    if handler is None:
+        raise FoldError(f"{type(m).__name__} matches no attention rule; supported: "
+                        f"{supported_attention()}.")
+    return handler
+
+
+def _owns_output(m: Any) -> bool:
+    handler = find_attention_handler(m)
+    return handler is not None and handler.owns_output
+
+
 def attention_pruners(model: nn.Module) -> dict[type, tp.pruner.BasePruningFunc]:
-    """Torch-Pruning rules for the attention module types present in `model`."""
-    return {type(m): AttentionEmbedPruner() for m in model.modules()
-            if find_attention_handler(m) is not None}
+    """Torch-Pruning rules for the attention module types in `model` that own their output
+    projection (the others' projections are traced as plain Linears)."""
+    return {type(m): AttentionEmbedPruner() for m in model.modules() if _owns_output(m)}
 
 
 def _param_tensors(p: nn.Parameter, role: str) -> list[TensorAxis]:
@@ -253,8 +332,7 @@ _LAYER_HANDLERS.extend([
                  lambda m, role: [(m.weight, 0)] if m.num_parameters > 1 else []),
     LayerHandler("Embedding", lambda m: isinstance(m, nn.Embedding),
                  lambda m, role: [(m.weight, 1)]),
-    LayerHandler("attention block (model width)", lambda m: find_attention_handler(m) is not None,
-                 _attention_embed_tensors),
+    LayerHandler("attention block (model width)", _owns_output, _attention_embed_tensors),
     LayerHandler("bare nn.Parameter (last dim)", lambda m: isinstance(m, nn.Parameter),
                  _param_tensors),
 ])
