@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from modelfold.baselines import magnitude_prune
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "real_models.py"
 _spec = importlib.util.spec_from_file_location("bench_real_models", _PATH)
 bench = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = bench  # dataclasses look their module up there
 _spec.loader.exec_module(bench)
 
 needs_foolbox = pytest.mark.skipif(importlib.util.find_spec("foolbox") is None,
