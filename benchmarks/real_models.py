@@ -437,8 +437,8 @@ def write_md(rows: list[dict], args: argparse.Namespace) -> None:
              "failed / was skipped (see `error`).", "",
              "Goals: MobileNetV2 agreement >= 90% at 10% / >= 75% at 20%; CIFAR CNN >= 95% at "
              "20% / >= 90% at 30%; encoder cosine >= 0.97 at 10% / >= 0.93 at 20% (target "
-             "sparsity). Met by a data-free row (data none or self-generated): see the last "
-             "line under each table.", "",
+             "sparsity). Whether a data-free row (data none or self-generated) and a data-free "
+             "fold meet them: see the lines under each table.", "",
              "Methods: Fold-Naive `fold(model, example, target_sparsity=s)` (k-means, no "
              "repair); Fold-AR `repair=\"approx\"`; Fold-DIR `repair=\"deep_inversion\"` with "
              f"`DeepInversionConfig.preset(\"{args.dir_preset}\")` (the paper's 256 images x "
@@ -492,9 +492,14 @@ def write_md(rows: list[dict], args: argparse.Namespace) -> None:
             free = [r for r in mrows if r["data"] != "real" and r["method"] != "dense"
                     and r[measure] and abs(float(r["target_sparsity"]) - s) < 1e-9]
             best = max(free, key=lambda r: float(r[measure]), default=None)
-            got = (f"best data-free {best['method']} {float(best[measure]):.4g}"
-                   if best else "no data-free row yet")
-            verdict = "met" if best and float(best[measure]) >= goal else "not met"
+            folds = [r for r in free if r["method"].startswith("Fold")]
+            best_fold = max(folds, key=lambda r: float(r[measure]), default=None)
+            got = ", ".join(f"{what} {r['method']} {float(r[measure]):.4g}" for what, r in
+                            (("best data-free row", best), ("best data-free fold", best_fold))
+                            if r is not None) or "no data-free row yet"
+            verdict = ("met by a fold" if best_fold and float(best_fold[measure]) >= goal else
+                       "met (not by a fold)" if best and float(best[measure]) >= goal else
+                       "not met")
             lines.append(f"\nGoal {measure} >= {goal:g} at {s:.0%}: {verdict} ({got}).")
         lines.append("")
         plot(model, mrows, measure)
