@@ -523,13 +523,14 @@ def plot(model: str, rows: list[dict], measure: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
+    for i, method in enumerate(METHODS):  # one colour per method in every plot
         pts = sorted((float(r["achieved_sparsity"]), float(r[measure])) for r in rows
                      if r["method"] == method and r[measure] and r["achieved_sparsity"])
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.plot([100 * x for x in xs], ys, marker="o",
-                    linestyle="--" if METHODS[method].data == "real" else "-", label=method)
+                    linestyle="--" if METHODS[method].data == "real" else "-", label=method,
+                    color=plt.get_cmap("tab10")(i))
     ax.set_xlabel("achieved parameter sparsity (%)")
     ax.set_ylabel(measure + (" with dense top-1" if measure == "agreement" else
                              " (dense vs folded)"))
