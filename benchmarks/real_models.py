@@ -310,6 +310,16 @@ METHODS: dict[str, Method] = {
 }
 
 
+VIEWS_NOTE = {
+    "mobilenet_v2_imagenet": "200 labelled views (20 ImageNet images x 5 crops x 2 flips).",
+    "cifar10_keras_cnn": (
+        "200 labelled views (20 CIFAR-10 images x 5 shifts x 2 flips) for top1, plus 200 "
+        "CIFAR-100 views for agreement and KL. Fold-DIR: the cpu preset's DeepInversion images "
+        "stay near their N(0, 1) start (range about -7..8, std 1.25 after 200 steps) while this "
+        "model reads raw 0-255 pixels, so the BN statistics Fold-DIR re-estimates on them are "
+        "far off: its collapse here is the synthesis' input scale, not the fold."),
+}
+
 # rows skipped unless --run-slow, with the measurement that says why
 TOO_SLOW = {
     ("mobilenet_v2_imagenet", "Fold-DIR"): (
@@ -478,6 +488,7 @@ def write_md(rows: list[dict], args: argparse.Namespace) -> None:
                       "peak RSS MB | note / error |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         else:
+            lines += [VIEWS_NOTE[model], ""]
             lines += ["| method | data | target | achieved | top1 | agreement | KL | fold s | "
                       "peak RSS MB | note / error |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
