@@ -6,16 +6,18 @@ On calibration inputs the model synthesised itself (`modelfold.calibrate.synthet
    group's consumer layers (Linear, Conv with groups=1). Per group, the Gram matrix of the
    channel activations (summed over consumers and positions) and each channel's contribution
    to the consumers' outputs (activation energy x consumer column norm).
-2. **Allocate** one parameter budget over the groups by sensitivity: each group's relative
-   consumer-output error when folded alone to k channels (measured on a few calibration
-   inputs at a grid of k, interpolated) is its error curve; the curves and the parameters a
-   channel costs go to the Lagrangian allocation of `modelfold.cluster.allocation`. Groups
+2. **Allocate** one parameter budget over the groups by sensitivity: the model's relative
+   output error when the group alone is merged to k channels (or heads), measured on a few
+   calibration inputs at a grid of k and interpolated, is the group's error curve; the curves
+   and the parameters a channel costs go to the Lagrangian allocation of
+   `modelfold.cluster.allocation`. Groups
    that cannot lose channels without damage (depthwise stages, the stem, the classifier input)
    keep them because their curves rise steeply.
 3. **Merge** by activation (`centre_merge`): the highest-contributing channels stay, every
    other channel is folded into the centre it is most correlated with at its least-squares
-   scale. Groups whose channels are not observable (attention heads, consumers that are not
-   Linear/Conv) are clustered on their weights instead.
+   scale. Attention heads are channels too, observed at the output projection's input (one
+   head = head_dim inputs). Groups whose channels are not observable (consumers that are not
+   Linear/Conv) keep their uniform k and are clustered on their weights.
 4. **Refit** every consumer of a folded group, in execution order, by ridge least squares:
    on the folded model's inputs towards the original layer's outputs (on the channels the
    folded layer still writes), each layer seeing the refitted layers before it.
@@ -23,7 +25,7 @@ On calibration inputs the model synthesised itself (`modelfold.calibrate.synthet
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -88,13 +90,25 @@ def _reader(slot: Slot, n: int) -> _Reader | None:
     return _Reader(slot.name, slot.module, torch.tensor(per, dtype=torch.long))
 
 
+def _head_reader(group: ChannelGroup, names: dict[int, str]) -> _Reader | None:
+    """The output projection of a head group, reading head h on inputs [h d, (h + 1) d)."""
+    handler, module, out = group.attention()
+    if out is None and handler.o is not None:
+        out = getattr(module, handler.o, None)
+    if not isinstance(out, nn.Linear) or id(out) not in names:
+        return None
+    d = handler.head_dim(module)
+    if out.in_features != group.n * d:
+        return None
+    return _Reader(names[id(out)], out, torch.arange(group.n * d).reshape(group.n, d))
+
+
 @dataclass
 class _GroupStats:
     group: ChannelGroup
     readers: list[_Reader]
     gram: torch.Tensor | None = None
     energy: torch.Tensor | None = None  # (n,) contribution^2 to the consumers' outputs
-    probes: dict[str, torch.Tensor] = field(default_factory=dict)  # reader -> sample inputs
 
     def scores(self) -> torch.Tensor:
         return self.energy.clamp_min(0).sqrt()
@@ -117,9 +131,12 @@ def observe(model: nn.Module, discovery: GroupDiscovery, inputs: Any
     stats: dict[str, _GroupStats] = {}
     by_module: dict[int, list[tuple[_GroupStats, _Reader]]] = {}
     for group in discovery.groups:
-        if not group.foldable or group.kind != "channels":
+        if not group.foldable:
             continue
-        readers = [_reader(s, group.n) for s in group.slots if s.role == "consumer"]
+        if group.kind == "heads":
+            readers = [_head_reader(group, discovery.module_names)]
+        else:
+            readers = [_reader(s, group.n) for s in group.slots if s.role == "consumer"]
         if not readers or any(r is None for r in readers):
             continue
         st = _GroupStats(group, readers)
@@ -140,7 +157,6 @@ def observe(model: nn.Module, discovery: GroupDiscovery, inputs: Any
             energy = gram.diagonal() * r.column_energy().double()
             st.gram = gram if st.gram is None else st.gram + gram
             st.energy = energy if st.energy is None else st.energy + energy
-            st.probes[r.name] = x[:SENSITIVITY_SAMPLES]
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if _is_dense(m)]
     try:
@@ -151,40 +167,58 @@ def observe(model: nn.Module, discovery: GroupDiscovery, inputs: Any
     return {k: v for k, v in stats.items() if v.gram is not None}, order
 
 
-def _layer_out(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's output without bias."""
-    if isinstance(module, nn.Linear):
-        return x @ module.weight.float().T
-    return module._conv_forward(x, module.weight.float(), None)
+def _merged_input(r: _Reader, x: torch.Tensor, centres: torch.Tensor, owner: torch.Tensor,
+                  scale: torch.Tensor) -> torch.Tensor:
+    """The layer input `x` with the group's channels replaced by what the merge leaves: every
+    channel becomes its centre's activation times its scale."""
+    z = r.channels(x)
+    approx = z[:, centres][:, owner] * scale.to(z.dtype)
+    conv = isinstance(r.module, nn.modules.conv._ConvNd)
+    last = (x.movedim(1, -1) if conv else x).contiguous().clone()
+    flat = last.view(-1, last.shape[-1])
+    n, m = r.index.shape
+    flat[:, r.index.flatten().to(x.device)] = approx.reshape(-1, m, n).transpose(1, 2) \
+        .reshape(flat.shape[0], -1).to(flat.dtype)
+    return last.movedim(-1, 1) if conv else last
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out
+    if hasattr(out, "to_tuple"):
+        values = out.to_tuple()
+    return next(t for t in values if isinstance(t, torch.Tensor))
 
 
 @torch.no_grad()
-def relative_error(st: _GroupStats, k: int) -> float:
-    """Mean over the group's consumers of ||output error|| ^ 2 / ||output|| ^ 2 when the
-    group alone is merged by activation to k channels (no refit), on the probe inputs."""
+def relative_error(model: nn.Module, probe: Any, reference: torch.Tensor, st: _GroupStats,
+                   k: int) -> float:
+    """||model output error||^2 / ||output||^2 on the probe inputs when the group alone is
+    merged by activation to k channels (no refit): the merge is simulated by rewriting the
+    consumers' inputs, so no weight changes."""
     centres, owner, scale = centre_merge(st.gram, st.scores(), k)
-    errors = []
-    for r in st.readers:
-        x = st.probes[r.name]
-        z = r.channels(x)
-        approx = z[:, centres][:, owner] * scale.float()
-        conv = isinstance(r.module, nn.modules.conv._ConvNd)
-        last = torch.zeros_like(x.movedim(1, -1) if conv else x).contiguous()
-        flat = last.view(-1, last.shape[-1])
-        n, m = r.index.shape
-        flat[:, r.index.flatten()] = (z - approx).reshape(-1, m, n).transpose(1, 2) \
-            .reshape(flat.shape[0], -1)
-        delta = last.movedim(-1, 1) if conv else last
-        base = _layer_out(r.module, x).pow(2).sum()
-        errors.append(float(_layer_out(r.module, delta).pow(2).sum() / base.clamp_min(1e-30)))
-    return float(np.mean(errors))
+    modules = {id(r.module): r for r in st.readers}
+
+    def hook(module, args):
+        r = modules[id(module)]
+        return (_merged_input(r, args[0], centres, owner, scale), *args[1:])
+
+    handles = [r.module.register_forward_pre_hook(hook) for r in st.readers]
+    try:
+        out = _first_tensor(_call(model, probe)).float()
+    finally:
+        for h in handles:
+            h.remove()
+    return float((out - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
 
 
-def error_curve(st: _GroupStats) -> np.ndarray:
-    """Relative error at k = 1..n (index k - 1), interpolated between measured points."""
+def error_curve(model: nn.Module, probe: Any, reference: torch.Tensor, st: _GroupStats
+                ) -> np.ndarray:
+    """Relative output error at k = 1..n (index k - 1), interpolated between measured points."""
     n = st.group.n
     ks = sorted({max(1, min(n - 1, round(n * f))) for f in KEEP_GRID} | {1})
-    measured = [relative_error(st, k) for k in ks] + [0.0]
+    measured = [relative_error(model, probe, reference, st, k) for k in ks] + [0.0]
     ks = [*ks, n]
     curve = np.interp(np.arange(1, n + 1), ks, measured)
     return np.maximum.accumulate(curve[::-1])[::-1]  # never lower for fewer channels
@@ -192,7 +226,7 @@ def error_curve(st: _GroupStats) -> np.ndarray:
 
 def allocate_by_sensitivity(model: nn.Module, discovery: GroupDiscovery,
                             stats: dict[str, _GroupStats], uniform: dict[str, int],
-                            round_to: int = 1) -> dict[str, int]:
+                            probe: Any, round_to: int = 1) -> dict[str, int]:
     """k per group: the parameter count of `uniform` spread by the groups' error curves.
     Groups without statistics keep their uniform k."""
     from modelfold.cluster.allocation import allocate
@@ -201,10 +235,12 @@ def allocate_by_sensitivity(model: nn.Module, discovery: GroupDiscovery,
     fixed = {g: k for g, k in uniform.items() if g not in stats}
     full = predicted_parameter_count(model, discovery, {})
     curves, costs = {}, {}
+    with torch.no_grad():
+        reference = _first_tensor(_call(model.eval(), probe)).float()
     for name, st in stats.items():
         if st.group.n < 2:
             continue
-        curves[name] = error_curve(st)
+        curves[name] = error_curve(model, probe, reference, st)
         costs[name] = (full - predicted_parameter_count(model, discovery,
                                                         {name: st.group.n - 1})) / full
 
@@ -364,7 +400,8 @@ def self_calibrated_fold(work: nn.Module, original: nn.Module, discovery: GroupD
 
     synthetic = synthetic_inputs(work, example, seed=config.seed)
     stats, order = observe(work, discovery, synthetic)
-    ks = allocate_by_sensitivity(work, discovery, stats, uniform, config.round_to)
+    ks = allocate_by_sensitivity(work, discovery, stats, uniform,
+                                 _slice(synthetic, SENSITIVITY_SAMPLES), config.round_to)
     predicted = predicted_parameter_count(work, discovery, ks)
     maps: dict[str, ChannelMap] = {}
     plan = FoldPlan(ratio=0.0)

@@ -28,7 +28,8 @@ from torch import nn
 
 from modelfold.errors import FoldError
 
-SAMPLES = 32  # calibration inputs per fold
+SAMPLES = 32  # calibration images (or Gaussian inputs) per fold
+TOKEN_SAMPLES = 128  # calibration sequences per fold for token models (cheap to run)
 IMAGE_SIDE = 96  # images are synthesised at most this large (per side)
 STEPS = 150
 LR = 0.1
@@ -36,13 +37,16 @@ TV_WEIGHT = 1e-4
 TOKENS = 32  # sequence length for token models when the example is shorter
 
 
-def synthetic_inputs(model: nn.Module, example: Any, *, samples: int = SAMPLES,
+def synthetic_inputs(model: nn.Module, example: Any, *, samples: int | None = None,
                      seed: int = 0, steps: int = STEPS) -> Any:
     """`samples` calibration inputs shaped like `example` (batch dimension first), chosen by
-    what the model is: BN statistics inversion, sampled tokens, or Gaussian noise."""
+    what the model is: BN statistics inversion, sampled tokens, or Gaussian noise (default:
+    TOKEN_SAMPLES sequences or SAMPLES inputs)."""
     token_key, ids = _token_ids(example)
     if ids is not None:
-        return sample_tokens(model, example, token_key, samples=samples, seed=seed)
+        return sample_tokens(model, example, token_key, samples=samples or TOKEN_SAMPLES,
+                             seed=seed)
+    samples = samples or SAMPLES
     x = example if isinstance(example, torch.Tensor) else None
     if x is None:
         raise FoldError("self_calibrate: `example_inputs` must be one tensor (images, "
