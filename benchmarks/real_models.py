@@ -465,7 +465,7 @@ def write_md(rows: list[dict], args: argparse.Namespace) -> None:
              "model, so only the first Fold-DIR row of a model includes the synthesis in "
              "fold_s, see note); Fold-Hartigan-inertia-AR `FoldConfig(clusterer=\"hartigan\", "
              "allocation=\"inertia\", repair=\"approx\")`; Fold-self-calibrated `fold(..., "
-             "self_calibrate=True, seed=0)` (skipped while `fold` lacks the keyword); SP-L1 / "
+             "self_calibrate=True, seed=0)`; SP-L1 / "
              "SP-L2 `magnitude_prune(p=1/2)` at the uniform ratio whose channel counts reach the "
              "target (the same bisection as `fold(target_sparsity=)`, so SP and uniform folds "
              "have identical shapes); Fold-R `repair=\"data\"` and SP-L2+BN-reset "
