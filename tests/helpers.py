@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from modelfold.graph import discover_groups
-from modelfold.merge.handlers import find_layer_handler
-from modelfold.merge.layout import SlotLayout
+from modelfold.graph.handlers import find_layer_handler
+from modelfold.graph.layout import SlotLayout
 
 
 @torch.no_grad()

@@ -10,9 +10,9 @@ import torch
 
 from modelfold.cluster import kmeans, ward
 from modelfold.cluster.kmeans import canonical_labels
+from modelfold.graph.handlers import _bn_stats
+from modelfold.graph.layout import SlotLayout
 from modelfold.merge.apply import ChannelMap
-from modelfold.merge.handlers import _bn_stats
-from modelfold.merge.layout import SlotLayout
 from modelfold.merge.plan import GroupPlan
 
 

@@ -20,9 +20,9 @@ from modelfold.baselines.driver import compress
 from modelfold.cluster.features import head_block
 from modelfold.errors import FoldError
 from modelfold.graph import ChannelGroup
+from modelfold.graph.handlers import find_layer_handler
+from modelfold.graph.layout import SlotLayout
 from modelfold.merge.apply import ChannelMap
-from modelfold.merge.handlers import find_layer_handler
-from modelfold.merge.layout import SlotLayout
 
 _FILTERS = (nn.Linear, nn.modules.conv._ConvNd)
 

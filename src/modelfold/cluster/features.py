@@ -9,8 +9,8 @@ import torch
 
 from modelfold.errors import FoldError
 from modelfold.graph.groups import ChannelGroup
-from modelfold.merge.handlers import find_layer_handler
-from modelfold.merge.layout import SlotLayout
+from modelfold.graph.handlers import find_layer_handler
+from modelfold.graph.layout import SlotLayout
 
 
 def channel_blocks(group: ChannelGroup) -> Iterator[tuple[str, Any, torch.Tensor, torch.Tensor]]:

@@ -27,14 +27,14 @@ from modelfold.graph.channel_ops import (
     out_shape,
     through,
 )
-from modelfold.merge.handlers import (
+from modelfold.graph.handlers import (
     AttentionHandler,
     attention_pruners,
     find_attention_handler,
     find_layer_handler,
     slot_role,
 )
-from modelfold.merge.layout import SlotLayout
+from modelfold.graph.layout import SlotLayout
 
 Role = Literal["producer", "consumer"]
 

@@ -193,7 +193,7 @@ def check_module_attrs(model: nn.Module, attrs: dict[str, dict[str, Any]], where
 
 
 def _inconsistency(m: nn.Module) -> str | None:
-    from modelfold.merge.handlers import find_attention_handler, head_count_attrs
+    from modelfold.graph.handlers import find_attention_handler, head_count_attrs
 
     if isinstance(m, nn.modules.conv._ConvNd):
         w = m.weight.shape

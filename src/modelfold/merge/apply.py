@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from modelfold.graph.groups import ChannelGroup, GroupDiscovery
-from modelfold.merge.handlers import find_layer_handler
-from modelfold.merge.layout import SlotLayout
+from modelfold.graph.handlers import find_layer_handler
+from modelfold.graph.layout import SlotLayout
 from modelfold.merge.plan import FoldPlan, GroupPlan
 
 

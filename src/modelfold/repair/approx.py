@@ -29,8 +29,8 @@ from torch import nn
 
 from modelfold.cluster.features import group_features
 from modelfold.graph.groups import ChannelGroup, GroupDiscovery
-from modelfold.merge.handlers import find_layer_handler
-from modelfold.merge.layout import SlotLayout
+from modelfold.graph.handlers import find_layer_handler
+from modelfold.graph.layout import SlotLayout
 from modelfold.merge.plan import FoldPlan
 
 _BN = nn.modules.batchnorm._BatchNorm
