@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 
 import modelfold as mf
 from conftest import make_model
-from modelfold.io import atomic
+from modelfold import files as atomic
 from modelfold.io.folder import MANIFEST, WEIGHTS
 
 SRC = Path(__file__).parent.parent / "src"

@@ -8,8 +8,8 @@ from modelfold.config import FoldConfig
 from modelfold.errors import FoldError
 from modelfold.io import load, register_factory, save
 from modelfold.summary import FoldSummary, summary
+from modelfold.version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
            "FoldConfig",
            "FoldError",

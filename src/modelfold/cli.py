@@ -362,10 +362,10 @@ def summary(
 ) -> None:
     """Print parameters, MACs and every channel group n -> k of a folded model."""
     import modelfold as mf
-    from modelfold.record import get_record
+    from modelfold.record import get_llm_record, get_record
 
     folded = mf.load(folder, trust_factory=trust_factory)
-    if get_record(folded) is None and getattr(folded, "_modelfold_llm_record", None) is None:
+    if get_record(folded) is None and get_llm_record(folded) is None:
         params = sum(p.numel() for p in {id(p): p for p in folded.parameters()}.values())
         typer.echo(f"parameters : {params:>14,}  (an unfolded model: no fold record)")
         return
@@ -462,13 +462,13 @@ def _require_transformers() -> None:
 
 def check_llm_folder(path: Path, command: str) -> None:
     """A folder holding a Hugging Face causal LM, judged from its files before loading."""
-    from modelfold.io import manifest as schema
+    from modelfold.files import read_json
 
     if not path.is_dir():
         fail(f"{path} is not a folder holding a Hugging Face model (config.json + weights).")
     manifest_path = path / "modelfold.json"
     if manifest_path.is_file():
-        manifest = schema.read_json(manifest_path)
+        manifest = read_json(manifest_path)
         if isinstance(manifest, dict) and manifest.get("format") == "modelfold":
             factory = manifest.get("factory")
             target = factory.get("target") if isinstance(factory, dict) else None
@@ -562,6 +562,7 @@ def fold_llm_command(
     """Fold a LLaMA / Qwen2 / Mistral model and save it as a Hugging Face folder."""
     import modelfold as mf
     from modelfold.llm.fold import PARTS, RECIPES
+    from modelfold.record import get_llm_record
 
     if sum(x is not None for x in (ratio, target_sparsity, recipe)) != 1:
         fail("give exactly one of --ratio, --target-sparsity or --recipe.")
@@ -610,9 +611,10 @@ def fold_llm_command(
             folded = mf.fold(model, ratio=ratio, target_sparsity=target_sparsity, recipe=plan,
                              parts=part_list, config=cfg, seed=seed, device=device)
         mf.save(folded, out, tokenizer=tokenizer)
-        record = folded._modelfold_llm_record
-    console.print(f"parameters {record['params_before']:,} -> {record['params_after']:,} "
-                  f"({1 - record['params_after'] / record['params_before']:.1%} removed)")
+        record = get_llm_record(folded)
+        assert record is not None  # fold attaches it to every folded LLM
+    console.print(f"parameters {record.params_before:,} -> {record.params_after:,} "
+                  f"({1 - record.params_after / record.params_before:.1%} removed)")
     console.print(f"[green]wrote[/] {out}")
 
 

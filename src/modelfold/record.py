@@ -1,8 +1,11 @@
-"""What a fold leaves on the folded model: config, plan, shapes, provenance."""
+"""What a fold leaves on the folded model: config, plan, shapes, provenance.
+
+`FoldRecord` describes a graph fold, `LLMFoldRecord` an LLM fold (or pruning) done layer by
+layer; both are plain JSON in a saved folder's manifest."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -10,6 +13,7 @@ from torch import nn
 
 RECORD_ATTR = "_modelfold_record"
 FACTORY_ATTR = "_modelfold_factory"
+LLM_RECORD_ATTR = "_modelfold_llm_record"
 
 
 @dataclass
@@ -37,8 +41,48 @@ class FoldRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class LLMFoldRecord:
+    """Per-layer shapes, ratios and parameter counts of an LLM fold (or pruning)."""
+
+    params_before: int
+    params_after: int
+    ratio: float  # the uniform ratio (0 for a recipe)
+    layers_before: list[dict[str, int]]  # LayerShape fields, per decoder layer
+    layers: list[dict[str, int]]
+    method: str = "fold"
+    architecture: str = ""
+    parts: list[str] = field(default_factory=list)
+    ratios: dict[str, dict[str, float]] = field(default_factory=dict)  # part -> layer -> ratio
+    settings: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of a manifest we do not know
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object a manifest stores."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LLMFoldRecord:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    def __getitem__(self, key: str) -> Any:
+        """Read access by key, as to the plain dict this record used to be."""
+        return self.to_dict()[key]
+
+
 def get_record(model: nn.Module) -> FoldRecord | None:
     return getattr(model, RECORD_ATTR, None)
+
+
+def get_llm_record(model: nn.Module) -> LLMFoldRecord | None:
+    return getattr(model, LLM_RECORD_ATTR, None)
+
+
+def attach_llm_record(model: nn.Module, record: LLMFoldRecord) -> None:
+    setattr(model, LLM_RECORD_ATTR, record)
 
 
 def input_spec(inputs: Any) -> Any:

@@ -13,7 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from modelfold.errors import FoldError
-from modelfold.record import GroupInfo, get_record, inputs_from_spec
+from modelfold.record import GroupInfo, LLMFoldRecord, get_llm_record, get_record, inputs_from_spec
 
 
 @dataclass
@@ -81,7 +81,7 @@ def summary(
     model: nn.Module | None, folded: nn.Module, example_inputs: Any = None
 ) -> FoldSummary:
     """Compare a model with its folded version (`model` may be None after `load`)."""
-    llm = getattr(folded, "_modelfold_llm_record", None)
+    llm = get_llm_record(folded)
     if llm is not None:
         return _llm_summary(llm, folded)
     record = get_record(folded)
@@ -143,16 +143,16 @@ def _count_macs(model: nn.Module, example_inputs: Any, which: str, inputs: str) 
                         f"{exc}), so its MACs cannot be counted.") from exc
 
 
-def _llm_summary(record: dict[str, Any], folded: nn.Module) -> FoldSummary:
+def _llm_summary(record: LLMFoldRecord, folded: nn.Module) -> FoldSummary:
     """Per-layer MLP channels and attention heads n -> k of a folded LLM (MACs depend on the
     sequence length and are not counted)."""
     groups = []
-    for i, (old, new) in enumerate(zip(record["layers_before"], record["layers"], strict=True)):
+    for i, (old, new) in enumerate(zip(record.layers_before, record.layers, strict=True)):
         for kind, key, part in (("channels", "intermediate_size", "mlp"),
                                 ("heads", "num_attention_heads", "self_attn")):
             status = "folded" if new[key] != old[key] else "kept"
             groups.append(GroupInfo(f"layers.{i}.{part}", kind, old[key], new[key],
                                     [f"model.layers.{i}.{part}"], status))
     params_after = sum(p.numel() for p in {id(p): p for p in folded.parameters()}.values())
-    return FoldSummary(record["params_before"], params_after, None, None,
-                       float(record.get("ratio", 0.0)), groups)
+    return FoldSummary(record.params_before, params_after, None, None, float(record.ratio),
+                       groups)

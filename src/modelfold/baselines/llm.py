@@ -30,6 +30,7 @@ from torch import nn
 from modelfold.errors import FoldError
 from modelfold.llm.architectures import DecoderArchitecture, architecture_of
 from modelfold.llm.fold import head_blocks, selection_maps, transform_llm
+from modelfold.record import get_llm_record
 
 LLM_PRUNING_METHODS = ("magnitude", "wanda-sp", "flap")
 
@@ -235,7 +236,9 @@ def _flap(model: nn.Module, arch: DecoderArchitecture, moments, target: float,
                          recipe=recipe, inplace=inplace, method="flap",
                          settings={"method": "flap", "target_sparsity": target})
     _add_compensation(work, arch, bias, parts)
-    work._modelfold_llm_record["params_after"] = count_parameters(work)
+    record = get_llm_record(work)
+    assert record is not None  # transform_llm attached it
+    record.params_after = count_parameters(work)
     return work
 
 

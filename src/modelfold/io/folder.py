@@ -14,9 +14,7 @@ module attributes must fit the tensors, and non-finite weights are refused.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import warnings
@@ -30,10 +28,18 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from modelfold.errors import FoldError
-from modelfold.io import atomic
+from modelfold.files import (
+    FORMAT,
+    HF_FORMAT,
+    MANIFEST,
+    WEIGHTS,
+    atomic_folder,
+    interrupted_copy,
+    read_json,
+    sha256_file,
+)
 from modelfold.io import manifest as schema
-from modelfold.io.atomic import interrupted_copy
-from modelfold.io.hf import HF_FORMAT, hf_files, is_hf_model, load_hf, save_hf
+from modelfold.io.hf import is_hf_model, load_hf, save_hf
 from modelfold.io.trust import (
     FACTORY_FN_ATTR,
     call_factory,
@@ -51,11 +57,9 @@ from modelfold.record import (
     get_record,
     simple_attrs,
 )
+from modelfold.version import __version__
 
-FORMAT = "modelfold"
 FORMAT_VERSION = 2
-WEIGHTS = "model.safetensors"
-MANIFEST = "modelfold.json"
 DIGEST_KEY = "modelfold_manifest_sha256"  # safetensors header metadata
 
 
@@ -88,7 +92,7 @@ def save(
     folder (with `tokenizer` when given) that `from_pretrained` loads; see `modelfold.io.hf`.
 
     An existing folder at `path` is replaced only if it is a modelfold folder holding nothing
-    else; a symbolic link is followed. See `modelfold.io.atomic` for the guarantees.
+    else; a symbolic link is followed. See `modelfold.files` for the guarantees.
     """
     if not isinstance(model, nn.Module):
         raise FoldError(f"save: expected an nn.Module, got {type(model).__name__}.")
@@ -107,7 +111,7 @@ def save(
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "modelfold_version": _version(),
+        "modelfold_version": __version__,
         "torch_version": torch.__version__,
         "factory": spec,
         "tensors": tensors,
@@ -122,7 +126,7 @@ def save(
         except SafetensorError as exc:
             raise FoldError(f"save: writing {path / WEIGHTS} failed ({exc}); is the disk full? "
                             "The previous contents are unchanged.") from exc
-        manifest["weights_sha256"] = _sha256(weights)
+        manifest["weights_sha256"] = sha256_file(weights)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     if not is_trusted(spec["target"]):
         warnings.warn(
@@ -187,22 +191,6 @@ def _check_loadable(model: nn.Module, fresh: nn.Module, manifest: dict[str, Any]
             f"({exc}). Pass factory= a callable that builds the unfolded architecture (an "
             "nn.Sequential or a class needing constructor arguments cannot be rebuilt from its "
             "class alone) and factory_kwargs= its arguments.") from None
-
-
-def atomic_folder(path: Path) -> contextlib.AbstractContextManager[Path]:
-    """A temporary folder that replaces `path` when the block succeeds (`modelfold.io.atomic`);
-    an existing `path` must be a modelfold folder holding nothing else."""
-    return atomic.atomic_folder(Path(path), our_files)
-
-
-def our_files(folder: Path) -> set[str]:
-    """The files of a modelfold (or Hugging Face) folder; FoldError if it is not one."""
-    manifest = schema.read_json(folder / MANIFEST, "save")
-    if isinstance(manifest, dict) and manifest.get("format") == HF_FORMAT:
-        return {MANIFEST, *hf_files(manifest)}
-    if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
-        return {MANIFEST, WEIGHTS}
-    raise FoldError(f"{folder / MANIFEST} is not a modelfold manifest")
 
 
 def load(
@@ -274,7 +262,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise FoldError(f"load: {path} is not a folder written by modelfold.save.")
     if not manifest_path.is_file():
         raise FoldError(f"load: {manifest_path} is missing; {path} is not a modelfold folder.")
-    manifest = schema.read_json(manifest_path)
+    manifest = read_json(manifest_path)
     if isinstance(manifest, dict) and manifest.get("format") == HF_FORMAT:
         return manifest
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -292,7 +280,7 @@ def _verify_checksums(path: Path, manifest: dict[str, Any]) -> None:
     weights = path / WEIGHTS
     if not weights.is_file():
         raise FoldError(f"load: {weights} is missing.")
-    if _sha256(weights) != manifest["weights_sha256"]:
+    if sha256_file(weights) != manifest["weights_sha256"]:
         raise FoldError(f"load: {weights} does not match the checksum in {path / MANIFEST}; the "
                         "file is truncated or was modified.")
     _, metadata = schema.file_tensors(weights)
@@ -387,17 +375,3 @@ def _record_from_dict(data: dict[str, Any] | None, model: nn.Module, where: Path
     data = dict(data)
     data["groups"] = [GroupInfo(**g) for g in data["groups"]]
     return FoldRecord(**data)
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _version() -> str:
-    from modelfold import __version__
-
-    return __version__

@@ -13,8 +13,6 @@ meta-device model before allocating one.
 from __future__ import annotations
 
 import contextlib
-import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +21,25 @@ import torch
 from torch import nn
 
 from modelfold.errors import FoldError
-
-HF_FORMAT = "modelfold-hf"
-HF_FORMAT_VERSION = 2
-MANIFEST = "modelfold.json"
-_PLAIN_NAME = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$"
+from modelfold.files import (
+    HF_FORMAT,
+    HF_FORMAT_VERSION,
+    MANIFEST,
+    PLAIN_NAME,
+    atomic_folder,
+    sha256_file,
+    write_hf_manifest,
+)
+from modelfold.io import manifest as schema
+from modelfold.llm import (
+    LayerShape,
+    architecture_of,
+    layer_shape,
+    resize_layers,
+    saved_dtype,
+    supported_model_types,
+)
+from modelfold.record import LLMFoldRecord, attach_llm_record, get_llm_record
 
 _COUNT = {"type": "integer", "minimum": 1, "maximum": 1 << 24}
 _LAYER = {"type": "object", "additionalProperties": False,
@@ -43,7 +55,7 @@ HF_SCHEMA = {
         "modelfold_version": {"type": "string"}, "torch_version": {"type": "string"},
         "layers": {"type": "array", "items": _LAYER, "maxItems": 10000},
         "files_sha256": {"type": "object", "minProperties": 1,
-                         "propertyNames": {"pattern": _PLAIN_NAME},
+                         "propertyNames": {"pattern": PLAIN_NAME},
                          "additionalProperties": {"type": "string",
                                                   "pattern": "^[0-9a-f]{64}$"}},
         "record": {"anyOf": [{"type": "null"}, {
@@ -64,70 +76,25 @@ _VALIDATOR = jsonschema.Draft202012Validator(HF_SCHEMA)
 def is_hf_model(model: nn.Module) -> bool:
     """A Hugging Face LLM of a supported family (other Hugging Face models, e.g. a BertModel,
     are saved like any module, with a factory)."""
-    from modelfold.llm.architectures import supported_model_types
-
     if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
         return False
     return getattr(model.config, "model_type", None) in supported_model_types()
 
 
-def hf_files(manifest: dict[str, Any]) -> set[str]:
-    """Plain file names a Hugging Face manifest accounts for (see `our_files`)."""
-    files = manifest.get("files_sha256")
-    if not isinstance(files, dict):
-        raise FoldError("the manifest lists no files")
-    return {name for name in files if isinstance(name, str) and re.match(_PLAIN_NAME, name)}
-
-
 def save_hf(model: nn.Module, path: Path, *, tokenizer: Any = None) -> Path:
-    from modelfold.io.folder import atomic_folder
-    from modelfold.llm.architectures import architecture_of
-    from modelfold.llm.fold import LLM_RECORD_ATTR, layer_shape
-
     arch = architecture_of(model)
     shapes = [layer_shape(arch, layer).__dict__ for layer in arch.layers(model)]
     with atomic_folder(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_hf_manifest(tmp, shapes, getattr(model, LLM_RECORD_ATTR, None))
+        write_hf_manifest(tmp, shapes, get_llm_record(model))
     return path
-
-
-def write_hf_manifest(folder: Path, shapes: list[dict], record: dict | None) -> None:
-    """modelfold.json beside the weights: per-layer shapes, record, SHA-256 of every file."""
-    from modelfold.io.folder import _sha256, _version
-
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {
-        "format": HF_FORMAT,
-        "format_version": HF_FORMAT_VERSION,
-        "modelfold_version": _version(),
-        "torch_version": torch.__version__,
-        "layers": shapes,
-        "files_sha256": {name: _sha256(folder / name) for name in files},
-        "record": record,
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-
-
-def saved_dtype(config: Any) -> torch.dtype:
-    """The dtype a Hugging Face config records (bf16 stays bf16); float32 when it has none."""
-    dtype = getattr(config, "dtype", None) or torch.float32
-    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(dtype, torch.dtype):
-        raise FoldError(f"the config records dtype {getattr(config, 'dtype', None)!r}, which is "
-                        "not a torch dtype.")
-    return dtype
 
 
 def load_hf(path: Path, manifest: dict[str, Any], *, device: str | torch.device | None = None
             ) -> nn.Module:
     from safetensors.torch import load_file
-
-    from modelfold.io import manifest as schema
-    from modelfold.io.folder import _sha256
-    from modelfold.llm.fold import LLM_RECORD_ATTR, LayerShape, resize_layers
 
     where = path / MANIFEST
     if manifest.get("format_version") != HF_FORMAT_VERSION:
@@ -146,7 +113,7 @@ def load_hf(path: Path, manifest: dict[str, Any], *, device: str | torch.device 
         file = path / name
         if not file.is_file() or file.is_symlink():
             raise FoldError(f"load: {file} is missing.")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise FoldError(f"load: {file} does not match the checksum in {where}; the file is "
                             "truncated or was modified.")
     stored: dict[str, dict[str, Any]] = {}
@@ -188,7 +155,7 @@ def load_hf(path: Path, manifest: dict[str, Any], *, device: str | torch.device 
                 record["layers_before"]) != len(shapes):
             raise FoldError(f"load: the fold record in {where} does not describe the model in "
                             f"{path} ({params:,} parameters, {len(shapes)} layers).")
-        setattr(model, LLM_RECORD_ATTR, record)
+        attach_llm_record(model, LLMFoldRecord.from_dict(record))
     model.eval()
     return model.to(device) if device is not None else model
 

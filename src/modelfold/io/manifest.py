@@ -18,7 +18,6 @@ from torch import nn
 
 from modelfold.errors import FoldError
 
-MAX_MANIFEST_BYTES = 64 << 20
 MAX_DIM = 1 << 40  # no real tensor dimension comes close; bounds arithmetic on shapes
 
 # Attributes folding changes; a manifest may set nothing else on a module.
@@ -109,21 +108,6 @@ MANIFEST_SCHEMA = {
     },
 }
 _VALIDATOR = jsonschema.Draft202012Validator(MANIFEST_SCHEMA)
-
-
-def read_json(file: Path, what: str = "load") -> Any:
-    """Parse a JSON file; any failure (size, encoding, syntax, nesting) is a FoldError."""
-    try:
-        size = file.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise FoldError(f"{what}: {file} is {size:,} bytes, too large for a manifest.")
-        return json.loads(file.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FoldError(f"{what}: {file} is not valid JSON ({exc}).") from exc
-    except RecursionError:
-        raise FoldError(f"{what}: {file} is nested too deeply to be a manifest.") from None
-    except OSError as exc:
-        raise FoldError(f"{what}: cannot read {file} ({exc.strerror or exc}).") from exc
 
 
 def validate(manifest: Any, where: Path) -> None:

@@ -4,9 +4,18 @@ from modelfold.llm.architectures import (
     DecoderArchitecture,
     architecture_of,
     register_architecture,
+    saved_dtype,
     supported_model_types,
 )
-from modelfold.llm.fold import PARTS, RECIPES, LayerShape, fold_llm, transform_llm
+from modelfold.llm.fold import (
+    PARTS,
+    RECIPES,
+    LayerShape,
+    fold_llm,
+    layer_shape,
+    resize_layers,
+    transform_llm,
+)
 
 __all__ = [
     "PARTS",
@@ -15,7 +24,10 @@ __all__ = [
     "LayerShape",
     "architecture_of",
     "fold_llm",
+    "layer_shape",
     "register_architecture",
+    "resize_layers",
+    "saved_dtype",
     "supported_model_types",
     "transform_llm",
 ]

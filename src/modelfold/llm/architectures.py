@@ -9,7 +9,9 @@ error listing the supported ones. Register more with `register_architecture`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from modelfold.errors import FoldError
@@ -74,3 +76,13 @@ def architecture_of(model: nn.Module) -> DecoderArchitecture:
             return arch
     raise FoldError(f"no LLM handler for {type(model).__name__} (model_type {model_type!r}); "
                     f"supported model types: {supported_model_types()}.")
+
+
+def saved_dtype(config: Any) -> torch.dtype:
+    """The dtype a Hugging Face config records (bf16 stays bf16); float32 when it has none."""
+    dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise FoldError(f"the config records dtype {getattr(config, 'dtype', None)!r}, which is "
+                        "not a torch dtype.")
+    return dtype

@@ -34,9 +34,9 @@ from modelfold.cluster import cluster_channels
 from modelfold.config import FoldConfig, bisect_ratio, check_ratio, kept_channels
 from modelfold.errors import FoldError, check_parameters
 from modelfold.llm.architectures import DecoderArchitecture, architecture_of
+from modelfold.record import LLMFoldRecord, attach_llm_record
 
 PARTS = ("mlp", "attention")
-LLM_RECORD_ATTR = "_modelfold_llm_record"
 
 # The paper's LLaMA-1-7B recipe (Section 5): MLP of layers 5-10 at 0.5 and 13-27 at 0.4.
 RECIPES: dict[str, dict[str, dict[int, float]]] = {
@@ -180,7 +180,7 @@ def transform_llm(
     if params_after != predicted:
         raise FoldError(f"{method}: {params_after} parameters left, {predicted} expected; the "
                         "model's layers are not the LLaMA-family layout this handler assumes.")
-    setattr(work, LLM_RECORD_ATTR, plan.record(method, arch, settings))
+    attach_llm_record(work, plan.record(method, arch, settings))
     return work
 
 
@@ -196,15 +196,15 @@ class LayerPlan:
     params_before: int
     params_after: int
 
-    def record(self, method: str, arch: DecoderArchitecture, settings: dict | None) -> dict:
-        return {
-            "method": method, "architecture": arch.name, "parts": list(self.parts),
-            "ratios": {p: {str(i): r for i, r in v.items() if r} for p, v in self.ratios.items()},
-            "settings": settings or {}, "params_before": self.params_before,
-            "params_after": self.params_after, "ratio": self.uniform,
-            "layers_before": [s.__dict__ for s in self.shapes],
-            "layers": [s.__dict__ for s in self.new_shapes],
-        }
+    def record(self, method: str, arch: DecoderArchitecture, settings: dict | None
+               ) -> LLMFoldRecord:
+        return LLMFoldRecord(
+            params_before=self.params_before, params_after=self.params_after,
+            ratio=self.uniform, layers_before=[s.__dict__ for s in self.shapes],
+            layers=[s.__dict__ for s in self.new_shapes], method=method,
+            architecture=arch.name, parts=list(self.parts),
+            ratios={p: {str(i): r for i, r in v.items() if r} for p, v in self.ratios.items()},
+            settings=settings or {})
 
 
 def plan_layers(model: nn.Module, arch: DecoderArchitecture, *, ratio: float | None,

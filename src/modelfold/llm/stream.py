@@ -32,7 +32,8 @@ import torch
 
 from modelfold.config import FoldConfig
 from modelfold.errors import FoldError
-from modelfold.llm.architectures import architecture_of
+from modelfold.files import atomic_folder, write_hf_manifest
+from modelfold.llm.architectures import architecture_of, saved_dtype
 from modelfold.llm.fold import (
     _update_config,
     calibrated_options,
@@ -42,6 +43,7 @@ from modelfold.llm.fold import (
     self_calibrated,
     shrink_layer,
 )
+from modelfold.record import LLMFoldRecord
 
 INDEX = "model.safetensors.index.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -102,7 +104,7 @@ def fold_checkpoint(
     config: FoldConfig | None = None,
     seed: int | None = None,
     device: str | torch.device | None = None,
-) -> dict[str, Any]:
+) -> LLMFoldRecord:
     """Fold the checkpoint folder `src` into the folder `out`, one decoder layer at a time.
 
     Same arguments and result as `modelfold.fold` on the loaded model followed by
@@ -110,9 +112,6 @@ def fold_checkpoint(
     record (shapes, ratios, parameter counts).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from modelfold.io.folder import atomic_folder
-    from modelfold.io.hf import saved_dtype, write_hf_manifest
 
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():

@@ -1,12 +1,18 @@
-"""Replace a folder atomically, without ever losing it or deleting files we did not write.
+"""The files of a saved folder: names, checksums, manifest reading, atomic replacement.
 
-`atomic_folder(path, our_files)` yields a temporary folder beside `path`; when the block
-succeeds its files are fsync'ed and it takes `path`'s place, when it fails it is removed.
+Shared by saving and loading (`modelfold.io`) and the streamed LLM fold (`modelfold.llm.stream`),
+which writes the same Hugging Face folder; it imports only the package's foundation (errors,
+record, version).
+
+Replace a folder atomically, without ever losing it or deleting files we did not write:
+`atomic_folder(path)` yields a temporary folder beside `path`; when the block succeeds its files
+are fsync'ed and it takes `path`'s place, when it fails it is removed.
 
 * One writer at a time: `.NAME.lock` beside the folder is locked (`fcntl.flock`, released by
   the kernel if the process dies); a second saver gets a FoldError at once.
-* An existing folder is replaced only if `our_files` recognises it (a modelfold folder) and it
-  holds nothing else; otherwise the save is refused, naming the extra files.
+* An existing folder is replaced only if `our_files` (by default `folder_files`) recognises it
+  (a modelfold folder) and it holds nothing else; otherwise the save is refused, naming the
+  extra files.
 * On Linux the new folder and the old one swap places in one `renameat2(RENAME_EXCHANGE)`, so no
   moment exists without a complete folder at `path`. Elsewhere the old folder is first moved to
   `.NAME.old-*`; a save killed between the two renames is repaired by the next save (the old
@@ -23,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -30,8 +38,21 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from modelfold.errors import FoldError
+from modelfold.record import LLMFoldRecord
+from modelfold.version import __version__
+
+FORMAT = "modelfold"  # `modelfold.save` of any module
+HF_FORMAT = "modelfold-hf"  # a Hugging Face LLM folder
+HF_FORMAT_VERSION = 2
+MANIFEST = "modelfold.json"
+WEIGHTS = "model.safetensors"
+PLAIN_NAME = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$"  # file names a manifest may list
+MAX_MANIFEST_BYTES = 64 << 20
 
 _SUFFIX = r"[0-9a-f]{8}"
 
@@ -65,13 +86,15 @@ def resolve_target(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: Path, our_files: Callable[[Path], set[str]]) -> Iterator[Path]:
+def atomic_folder(path: Path, our_files: Callable[[Path], set[str]] | None = None
+                  ) -> Iterator[Path]:
     """Write into the yielded folder; on success it replaces `path` (see the module doc).
 
     `our_files(folder)` returns the file names a modelfold folder's manifest accounts for, and
-    raises FoldError when `folder` is not one.
+    raises FoldError when `folder` is not one; `folder_files` by default.
     """
-    path = resolve_target(path)
+    our_files = our_files or folder_files
+    path = resolve_target(Path(path))
     if path.exists() and not path.is_dir():
         raise FoldError(f"save: {path} is a file; give a folder path.")
     try:
@@ -226,3 +249,64 @@ def _exclusive(path: Path) -> Iterator[None]:
 def _busy(path: Path, lock: Path) -> FoldError:
     return FoldError(f"save: another process is saving to {path} right now (it holds {lock}); "
                      "try again when it has finished.")
+
+
+# --- names, checksums and manifests ----------------------------------------------------------
+
+
+def sha256_file(file: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_json(file: Path, what: str = "load") -> Any:
+    """Parse a JSON file; any failure (size, encoding, syntax, nesting) is a FoldError."""
+    try:
+        size = file.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise FoldError(f"{what}: {file} is {size:,} bytes, too large for a manifest.")
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FoldError(f"{what}: {file} is not valid JSON ({exc}).") from exc
+    except RecursionError:
+        raise FoldError(f"{what}: {file} is nested too deeply to be a manifest.") from None
+    except OSError as exc:
+        raise FoldError(f"{what}: cannot read {file} ({exc.strerror or exc}).") from exc
+
+
+def hf_files(manifest: dict[str, Any]) -> set[str]:
+    """Plain file names a Hugging Face manifest accounts for (see `folder_files`)."""
+    files = manifest.get("files_sha256")
+    if not isinstance(files, dict):
+        raise FoldError("the manifest lists no files")
+    return {name for name in files if isinstance(name, str) and re.match(PLAIN_NAME, name)}
+
+
+def folder_files(folder: Path) -> set[str]:
+    """The files of a modelfold (or Hugging Face) folder; FoldError if it is not one."""
+    manifest = read_json(folder / MANIFEST, "save")
+    if isinstance(manifest, dict) and manifest.get("format") == HF_FORMAT:
+        return {MANIFEST, *hf_files(manifest)}
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+        return {MANIFEST, WEIGHTS}
+    raise FoldError(f"{folder / MANIFEST} is not a modelfold manifest")
+
+
+def write_hf_manifest(folder: Path, shapes: list[dict[str, int]],
+                      record: LLMFoldRecord | None) -> None:
+    """modelfold.json beside the weights: per-layer shapes, record, SHA-256 of every file."""
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "format": HF_FORMAT,
+        "format_version": HF_FORMAT_VERSION,
+        "modelfold_version": __version__,
+        "torch_version": torch.__version__,
+        "layers": shapes,
+        "files_sha256": {name: sha256_file(folder / name) for name in files},
+        "record": record.to_dict() if record is not None else None,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
