@@ -175,7 +175,7 @@ def transform_llm(
     with torch.no_grad():
         for i, layer in enumerate(work_layers):
             shrink_layer(arch, layer, i, selector, shapes[i], new_shapes[i], device)
-    _update_config(work, new_shapes)
+    set_config_shapes(work, new_shapes)
     params_after = count_parameters(work)
     if params_after != predicted:
         raise FoldError(f"{method}: {params_after} parameters left, {predicted} expected; the "
@@ -519,7 +519,7 @@ def _rebuild_attention(arch: DecoderArchitecture, layer: nn.Module, mean_map: to
             setattr(attn, attr, value)
 
 
-def _update_config(model: nn.Module, new: list[LayerShape]) -> None:
+def set_config_shapes(model: nn.Module, new: list[LayerShape]) -> None:
     """Uniform shapes go into the HF config (plain `from_pretrained` then loads the folder);
     per-layer shapes are recorded for `modelfold.load`."""
     cfg = model.config

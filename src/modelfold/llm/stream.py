@@ -35,12 +35,12 @@ from modelfold.errors import FoldError
 from modelfold.files import atomic_folder, write_hf_manifest
 from modelfold.llm.architectures import architecture_of, saved_dtype
 from modelfold.llm.fold import (
-    _update_config,
     calibrated_options,
     fold_selector_from_config,
     plan_layers,
     resolve_llm_config,
     self_calibrated,
+    set_config_shapes,
     shrink_layer,
 )
 from modelfold.record import LLMFoldRecord
@@ -172,7 +172,7 @@ def fold_checkpoint(
                                 "does not match its config.")
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total_bytes},
                                                  "weight_map": weight_map}, indent=1))
-            _update_config(skeleton, plan.new_shapes)
+            set_config_shapes(skeleton, plan.new_shapes)
             skeleton.config.save_pretrained(tmp)
             for name in _TOKENIZER_FILES:
                 if (src / name).is_file():
