@@ -88,7 +88,7 @@ def measure(path: str, work: Path, ratio: float, n_init: int, device: str) -> di
         start = time.perf_counter()
         if path == "streamed":
             record = fold_checkpoint(work / "src", work / "out", config=config, device=device)
-            after = record["params_after"]
+            after = record.params_after
         else:
             model = AutoModelForCausalLM.from_pretrained(work / "src", dtype=torch.bfloat16)
             folded = mf.fold(model, config=config, device=device)
