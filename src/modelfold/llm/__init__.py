@@ -6,16 +6,30 @@ from modelfold.llm.architectures import (
     register_architecture,
     supported_model_types,
 )
-from modelfold.llm.fold import PARTS, RECIPES, LayerShape, fold_llm, transform_llm
+from modelfold.llm.config import LLMFoldConfig
+from modelfold.llm.fold import (
+    PARTS,
+    RECIPES,
+    LayerShape,
+    fold_llm,
+    register_llm_allocation,
+    register_llm_clusterer,
+    register_llm_repair,
+    transform_llm,
+)
 
 __all__ = [
     "PARTS",
     "RECIPES",
     "DecoderArchitecture",
+    "LLMFoldConfig",
     "LayerShape",
     "architecture_of",
     "fold_llm",
     "register_architecture",
+    "register_llm_allocation",
+    "register_llm_clusterer",
+    "register_llm_repair",
     "supported_model_types",
     "transform_llm",
 ]
