@@ -28,9 +28,10 @@ CONFIG_VERSION = 1
 class PipelineConfig:
     """Base of the pipeline configs: validated on construction, versioned, JSON round trip.
 
-    Subclasses are dataclasses that set `VERSION`, `applies_to` (what the config folds, for
-    error messages), `budget_fields` (exactly one must be set) and `choices()` (strategy field
-    -> registered names)."""
+    Subclasses are dataclasses with a `version` field that set `VERSION`, `applies_to` (what
+    the config folds, for error messages), `budget_fields` (exactly one must be set) and
+    `choices()` (strategy field -> registered names). The common fields (`seed`, `n_init`,
+    `max_iter`, `round_to`, `sparsity_tolerance`, `self_calibrate`) are checked where present."""
 
     VERSION: ClassVar[int] = CONFIG_VERSION
     applies_to: ClassVar[str] = ""
@@ -55,17 +56,19 @@ class PipelineConfig:
         if sum(getattr(self, f) is not None for f in self.budget_fields) != 1:
             raise FoldError(f"{name}: give exactly one of {_either(self.budget_fields)}.")
         for f in ("ratio", "target_sparsity"):
-            if getattr(self, f) is not None:
+            if getattr(self, f, None) is not None:
                 check_ratio(getattr(self, f), f)
         for f, names in self.choices().items():
             self.check_choice(f, names())
         for f in ("n_init", "max_iter", "round_to"):
-            check_positive_int(self, f)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise FoldError(f"{name}.seed must be an integer, got {self.seed!r}.")
-        if not 0 < self.sparsity_tolerance < 1:
+            if hasattr(self, f):
+                check_positive_int(self, f)
+        seed = getattr(self, "seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise FoldError(f"{name}.seed must be an integer, got {seed!r}.")
+        if not 0 < getattr(self, "sparsity_tolerance", 0.5) < 1:
             raise FoldError(f"{name}.sparsity_tolerance must lie in (0, 1).")
-        if not isinstance(self.self_calibrate, bool):
+        if not isinstance(getattr(self, "self_calibrate", False), bool):
             raise FoldError(f"{name}.self_calibrate must be true or false, got "
                             f"{self.self_calibrate!r}.")
         if self.version != self.VERSION:

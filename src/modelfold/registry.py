@@ -35,6 +35,10 @@ class Registry(Generic[T]):
             raise FoldError(f"unknown {self.kind} {name!r}; registered: {self.names()}.")
         return self._entries[name]
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (a no-op when it is not registered)."""
+        self._entries.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 
