@@ -69,7 +69,7 @@ def fold(
                  "module_ratios": None if module_ratios is None else dict(module_ratios),
                  "repair": repair, "self_calibrate": self_calibrate,
                  "parts": parts, "recipe": recipe}
-    llm = _is_llm(model, example_inputs)
+    llm = (config is None or isinstance(config, FoldConfig)) and _is_llm(model, example_inputs)
     if isinstance(config, FoldConfig) and llm:
         config = LLMFoldConfig.from_fold_config(config)
     if config is None or any(v is not None for v in overrides.values()):

@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from modelfold.config import CONFIG_VERSION, FoldConfig, PipelineConfig, check_ratio
+from modelfold.budget import check_ratio
+from modelfold.config import CONFIG_VERSION, FoldConfig, PipelineConfig
 from modelfold.errors import FoldError
 
 PARTS = ("mlp", "attention")

@@ -17,6 +17,10 @@ and Wanda-sp pruning (`modelfold.baselines.llm`) use the same code with a select
 Math is done in float32 whatever the model's dtype, and the user's model is never changed
 unless `inplace=True`: the result shares every unchanged tensor with it instead of copying the
 whole model, so memory stays at one model plus the rebuilt layers.
+
+`fold_llm(model, LLMFoldConfig(...))` picks its strategies by name from registries:
+clusterers (the weight clusterers of `modelfold.cluster` plus `register_llm_clusterer`),
+`register_llm_allocation` and `register_llm_repair`.
 """
 
 from __future__ import annotations
