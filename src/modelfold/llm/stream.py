@@ -123,8 +123,7 @@ def fold_checkpoint(
     if isinstance(config, FoldConfig):
         config = LLMFoldConfig.from_fold_config(config)
     config = resolve_config(LLMFoldConfig, config, ratio=ratio, target_sparsity=target_sparsity,
-                            recipe=recipe, seed=seed,
-                            parts=parts)
+                            recipe=recipe, seed=seed, parts=parts)
     if config.repair != "none" or self_calibrated(config):
         options = calibrated_options(config) or f"repair={config.repair!r}"
         raise FoldError(f"fold_checkpoint: {options} run(s) the whole model; load the model "
