@@ -155,9 +155,9 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
             with PeakMemory() as peak:
                 start = time.perf_counter()
                 if method.startswith("fold"):
-                    config = mf.FoldConfig(target_sparsity=target, n_init=n_init,
-                                           **SELF_CALIBRATED.get(method, {}))
-                    compressed = mf.fold(model, config=config, parts=parts)
+                    config = mf.LLMFoldConfig(target_sparsity=target, n_init=n_init,
+                                              parts=parts, **SELF_CALIBRATED.get(method, {}))
+                    compressed = mf.fold(model, config=config)
                 else:
                     stats = None  # magnitude
                     if method == "wanda-sp":

@@ -79,11 +79,10 @@ def measure(path: str, work: Path, ratio: float, n_init: int, device: str) -> di
     from transformers import AutoModelForCausalLM
 
     import modelfold as mf
-    from modelfold.config import FoldConfig
     from modelfold.eval.resources import PeakMemory
     from modelfold.llm.stream import fold_checkpoint
 
-    config = FoldConfig(ratio=ratio, n_init=n_init)
+    config = mf.LLMFoldConfig(ratio=ratio, n_init=n_init)
     with PeakMemory() as peak:
         start = time.perf_counter()
         if path == "streamed":

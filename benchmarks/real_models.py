@@ -235,7 +235,7 @@ def sp_ratio(model: torch.nn.Module, example: Any, target: float) -> float:
     SP-L1/L2 keep k = max(1, round(n (1 - ratio))) channels per group like folding, so with
     this ratio both reach the same achieved sparsity (FoldError when unreachable)."""
     import modelfold as mf
-    from modelfold.api import solve_ratio
+    from modelfold.budget import solve_ratio
     from modelfold.graph import discover_groups
 
     model.eval()

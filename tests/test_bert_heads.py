@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import modelfold as mf
-from modelfold.config import kept_channels
+from modelfold.budget import kept_channels
 from modelfold.graph import discover_groups
 from modelfold.merge.apply import predicted_parameter_count
 from modelfold.record import get_record

@@ -7,7 +7,7 @@ import torch
 
 import modelfold as mf
 from conftest import make_model
-from modelfold.config import kept_channels
+from modelfold.budget import kept_channels
 
 
 def test_json_round_trip():

@@ -10,7 +10,7 @@ import torch
 import modelfold as mf
 from conftest import ZOO, make_model
 from helpers import n_params, plant_duplicates
-from modelfold.config import kept_channels
+from modelfold.budget import kept_channels
 
 NAMES = sorted(ZOO)
 

@@ -22,14 +22,16 @@ PACKAGE = "modelfold"
 SRC = Path(__file__).parent.parent / "src" / PACKAGE
 
 LAYERS: list[set[str]] = [
-    {"errors", "version", "record", "files"},  # foundation: errors, records, folder files
+    {"errors", "version", "record", "files", "registry"},  # foundation: errors, records, folder
+    # files, the name -> strategy registry
     {"data", "zoo"},  # datasets and model definitions
     {"graph"},  # channel groups and the per-layer rules they are made of
     {"cluster"},
     {"merge"},
+    {"budget"},  # parameter budget -> channels kept per group (allocations)
     {"repair"},
     {"config"},
-    {"calibrate", "llm"},  # fold pipelines
+    {"calibrate", "llm", "graph_fold"},  # fold pipelines
     {"api", "summary"},
     {"baselines", "io"},  # compression baselines; save and load
     {""},  # the package root: its public API

@@ -69,8 +69,8 @@ def test_real_smollm2_self_calibrated_fold_protects_layer_0_and_survives(smollm2
     collapses here (perplexity ~1e5 on Wikipedia); the self-calibrated fold protects layer 0
     on its own and stays close to the dense model."""
     model, _, windows = smollm2
-    config = mf.FoldConfig(target_sparsity=0.2, clusterer="activation",
-                           allocation="sensitivity", repair="self_generated")
+    config = mf.LLMFoldConfig(target_sparsity=0.2, clusterer="activation",
+                              allocation="sensitivity", repair="self_generated")
     folded = mf.fold(model, config=config)
     widths = [layer.mlp.down_proj.in_features for layer in folded.model.layers]
     assert widths[0] == 1536 and max(widths[1:]) < 1017  # layer 0 whole, the rest pays

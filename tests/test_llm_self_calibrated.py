@@ -126,7 +126,7 @@ def test_activation_clustering_folds_planted_copies_losslessly(arch):
     # weak copies (1 % of the pair's down column): not centres, and folding them is exact
     plant_mlp_duplicates(model, 24, share=0.01)
     for repair in ("none", "self_generated"):
-        folded = mf.fold(model, config=mf.FoldConfig(ratio=0.25, clusterer="activation",
+        folded = mf.fold(model, config=mf.LLMFoldConfig(ratio=0.25, clusterer="activation",
                                                      repair=repair))
         assert all(layer.mlp.down_proj.in_features == 72 for layer in folded.model.layers)
         torch.testing.assert_close(logits(folded), logits(model), atol=1e-4, rtol=1e-4)
@@ -136,10 +136,10 @@ def test_self_calibrated_fold_beats_weight_folding_and_is_deterministic(tmp_path
     model = tiny(num_hidden_layers=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kmeans = mf.fold(model, ratio=0.5)
-    best = mf.fold(model, config=mf.FoldConfig(ratio=0.5, **BEST))
+    best = mf.fold(model, config=mf.LLMFoldConfig(ratio=0.5, **BEST))
     ref = logits(model)
     assert (logits(best) - ref).norm() < (logits(kmeans) - ref).norm()
-    again = mf.fold(model, config=mf.FoldConfig(ratio=0.5, **BEST))
+    again = mf.fold(model, config=mf.LLMFoldConfig(ratio=0.5, **BEST))
     torch.testing.assert_close(logits(best), logits(again), rtol=0, atol=0)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert mf.llm.fold.count_parameters(best) == mf.llm.fold.count_parameters(kmeans)
@@ -155,8 +155,8 @@ def test_sensitivity_allocation_protects_the_layer_folding_hurts_most():
     arch = architecture_of(model)
     tokens = self_generated_tokens(model, sequences=4, length=32)
     assert sensitive_layers(model, arch, tokens, [48] * 5) == [2]
-    uniform = mf.fold(model, config=mf.FoldConfig(ratio=0.5, clusterer="activation"))
-    spread = mf.fold(model, config=mf.FoldConfig(ratio=0.5, clusterer="activation",
+    uniform = mf.fold(model, config=mf.LLMFoldConfig(ratio=0.5, clusterer="activation"))
+    spread = mf.fold(model, config=mf.LLMFoldConfig(ratio=0.5, clusterer="activation",
                                                  allocation="sensitivity"))
     widths = [layer.mlp.down_proj.in_features for layer in spread.model.layers]
     assert widths[2] == 96 and widths == [36, 36, 96, 36, 36]
@@ -166,7 +166,7 @@ def test_sensitivity_allocation_protects_the_layer_folding_hurts_most():
     assert (logits(spread) - ref).norm() < (logits(uniform) - ref).norm()
     with pytest.raises(mf.FoldError, match="MLP channels only"):
         mf.fold(model, parts=("mlp", "attention"),
-                config=mf.FoldConfig(ratio=0.2, allocation="sensitivity"))
+                config=mf.LLMFoldConfig(ratio=0.2, allocation="sensitivity"))
 
 
 def test_protect_keeps_the_total_and_multiples():
@@ -181,16 +181,16 @@ def test_protect_keeps_the_total_and_multiples():
 def test_self_calibrated_options_refuse_what_they_cannot_do(tmp_path):
     model = tiny()
     with pytest.raises(mf.FoldError, match="in place"):
-        mf.fold(copy.deepcopy(model), config=mf.FoldConfig(ratio=0.5, **BEST), inplace=True)
+        mf.fold(copy.deepcopy(model), config=mf.LLMFoldConfig(ratio=0.5, **BEST), inplace=True)
     with pytest.raises(mf.FoldError, match="folds MLP channels"):
         mf.fold(model, parts=("mlp", "attention"),
-                config=mf.FoldConfig(ratio=0.5, clusterer="activation"))
+                config=mf.LLMFoldConfig(ratio=0.5, clusterer="activation"))
     with pytest.raises(mf.FoldError, match="Hugging Face causal LM"):
         mf.fold(make_model("resnet18"), torch.randn(1, 3, 32, 32),
                 config=mf.FoldConfig(ratio=0.3, clusterer="activation"))
     model.save_pretrained(tmp_path / "src")
     with pytest.raises(mf.FoldError, match="clusterer='activation'"):
         fold_checkpoint(tmp_path / "src", tmp_path / "out",
-                        config=mf.FoldConfig(ratio=0.5, clusterer="activation"))
+                        config=mf.LLMFoldConfig(ratio=0.5, clusterer="activation"))
     with pytest.raises(mf.FoldError, match="unknown"):
         mf.FoldConfig(ratio=0.5, clusterer="activations")

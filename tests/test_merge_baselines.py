@@ -21,7 +21,7 @@ from modelfold.baselines.inn import (
     smooth_order,
     trapezoid_weights,
 )
-from modelfold.config import kept_channels
+from modelfold.budget import kept_channels
 from modelfold.errors import FoldError
 
 METHODS = {"ifm": ifm, "inn": inn, "neuron-merging": neuron_merging,

@@ -44,7 +44,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import modelfold as mf
-from modelfold.config import kept_channels
+from modelfold.budget import kept_channels
 from random_archs import build_model, example_inputs
 
 FACTORY = "random_archs:build_model"  # tests/ is on sys.path under pytest, as for conftest

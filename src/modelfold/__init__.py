@@ -1,12 +1,14 @@
 """modelfold: compress trained PyTorch models by folding (cluster -> merge -> repair).
 
-Public API: `fold`, `save`, `load`, `register_factory`, `summary`, `FoldConfig`, `FoldError`.
+Public API: `fold`, `save`, `load`, `register_factory`, `summary`, `FoldConfig` (graph path),
+`LLMFoldConfig` (Hugging Face causal LMs), `register_pipeline`, `FoldError`.
 """
 
 from modelfold.api import fold
-from modelfold.config import FoldConfig
+from modelfold.config import FoldConfig, register_pipeline
 from modelfold.errors import FoldError
 from modelfold.io import load, register_factory, save
+from modelfold.llm.config import LLMFoldConfig
 from modelfold.summary import FoldSummary, summary
 from modelfold.version import __version__
 
@@ -14,10 +16,12 @@ __all__ = [
            "FoldConfig",
            "FoldError",
            "FoldSummary",
+           "LLMFoldConfig",
            "__version__",
            "fold",
            "load",
            "register_factory",
+           "register_pipeline",
            "save",
            "summary",
 ]

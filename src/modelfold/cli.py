@@ -582,11 +582,12 @@ def fold_llm_command(
         fail(f"--parts {parts!r} must be a comma-separated subset of {', '.join(PARTS)}.")
     if self_calibrated:
         clusterer, allocation, repair = "activation", "sensitivity", "self_generated"
-    # clustering settings only: the budget comes from the flags above
-    cfg = mf.FoldConfig(ratio=0.0, clusterer=clusterer, round_to=round_to,
-                        allocation=allocation, repair=repair)
     if repair not in ("none", "self_generated"):
         fail(f"--repair {repair!r}: LLM folding takes none or self_generated.")
+    cfg = mf.LLMFoldConfig(ratio=ratio, target_sparsity=target_sparsity, recipe=plan,
+                           parts=tuple(part_list), clusterer=clusterer, round_to=round_to,
+                           allocation=allocation, repair=repair,
+                           **({} if seed is None else {"seed": seed}))
     _check_device(device)
     if stream:
         if repair != "none" or clusterer == "activation" or allocation != "uniform":
@@ -602,14 +603,11 @@ def fold_llm_command(
 
         _require_transformers()
         _quiet_transformers()
-        record = fold_checkpoint(model_dir, out, ratio=ratio, target_sparsity=target_sparsity,
-                                 recipe=plan, parts=part_list, config=cfg, seed=seed,
-                                 device=device)
+        record = fold_checkpoint(model_dir, out, config=cfg, device=device)
     else:
         model, tokenizer = load_llm(model_dir, trust_factory)
         with console.status("folding..."):
-            folded = mf.fold(model, ratio=ratio, target_sparsity=target_sparsity, recipe=plan,
-                             parts=part_list, config=cfg, seed=seed, device=device)
+            folded = mf.fold(model, config=cfg, device=device)
         mf.save(folded, out, tokenizer=tokenizer)
         record = get_llm_record(folded)
         assert record is not None  # fold attaches it to every folded LLM

@@ -61,7 +61,8 @@ _PHRASES: list[tuple[str, str]] = [
     (r" \(it cannot be used with fold_checkpoint's streaming\)", " (not with --stream)"),
     (r"^fold_checkpoint: ", "--stream: "),
     (r"parts=\('mlp',\)", "--parts mlp"),
-    (r"^FoldConfig: ", ""),
+    (r"^(LLM)?FoldConfig: ", ""),
+    (r"\bLLMFoldConfig\.", "FoldConfig."),
 ]
 # API argument -> command option, where the names differ
 _ALIASES = {"ignored": "ignore", "factory": "model", "factory_kwargs": "model_kwargs",

@@ -17,19 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelfold.api import (
-    _check_output,
-    _group_infos,
-    _to_device,
-    _unique_params,
-    check_targets,
-    group_ratio,
-    reference_output,
-)
+from modelfold.budget import check_ratio, group_ratio, kept_channels
 from modelfold.cluster.features import channel_blocks
-from modelfold.config import check_ratio, kept_channels
 from modelfold.errors import FoldError, check_parameters
 from modelfold.graph import ChannelGroup, discover_groups
+from modelfold.graph_fold import (
+    check_output,
+    check_targets,
+    count_parameters,
+    group_infos,
+    reference_output,
+    to_device,
+)
 from modelfold.merge.apply import ChannelMap, apply_channel_maps, predicted_parameter_count
 from modelfold.merge.batchnorm import fold_batchnorms, restore_identity
 from modelfold.merge.plan import FoldPlan, GroupPlan
@@ -116,12 +115,12 @@ def compress(
     work = copy.deepcopy(model)
     modules = dict(work.named_modules())
     dev = next(work.parameters()).device
-    inputs = _to_device(example_inputs, dev)
+    inputs = to_device(example_inputs, dev)
     attrs_before = {n: simple_attrs(m) for n, m in model.named_modules()}
     was_training = work.training
     reference = reference_output(work, inputs)
     discovery = discover_groups(work, inputs, ignored=[modules[n] for n in ignored_names])
-    params_before = sum(t.numel() for t in _unique_params(work))
+    params_before = count_parameters(work)
     targets = {}
     for group in discovery.groups:
         if group.foldable:
@@ -156,16 +155,16 @@ def compress(
 
         reset_batchnorm(work, calib.to_device(calib.collect(reset_bn, calibration_samples), dev))
     work.train(was_training)
-    params_after = sum(t.numel() for t in _unique_params(work))
+    params_after = count_parameters(work)
     if params_after != predicted:
         raise FoldError(f"{method}: {params_after} parameters left, {predicted} expected from the "
                         "channel groups: an op the dependency graph cannot see couples channels. "
                         "Pass the modules around it in `ignored=`.")
-    _check_output(work, inputs, reference)
+    check_output(work, inputs, reference)
     setattr(work, RECORD_ATTR, FoldRecord(
         config={"method": method, "ratio": ratio, "module_ratios": module_ratios,
                 **(config or {})},
-        ratio=ratio, plan=plan.to_dict(), groups=_group_infos(discovery, plan),
+        ratio=ratio, plan=plan.to_dict(), groups=group_infos(discovery, plan),
         module_attrs=changed_attrs(attrs_before, work), input_spec=input_spec(example_inputs),
         params_before=params_before, params_after=params_after,
         factory=getattr(model, FACTORY_ATTR, None),

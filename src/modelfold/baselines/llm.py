@@ -21,7 +21,7 @@ are rebuilt by the same code as folding (`modelfold.llm.fold.transform_llm`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -31,8 +31,21 @@ from modelfold.errors import FoldError
 from modelfold.llm.architectures import DecoderArchitecture, architecture_of
 from modelfold.llm.fold import head_blocks, selection_maps, transform_llm
 from modelfold.record import get_llm_record
+from modelfold.registry import Registry
 
-LLM_PRUNING_METHODS = ("magnitude", "wanda-sp", "flap")
+# fn(model, arch, *, ratio, target_sparsity, parts, recipe, calibration, statistics,
+#    batch_size, inplace, round_to) -> the pruned model
+PruningMethod = Callable[..., nn.Module]
+LLM_PRUNING: Registry[PruningMethod] = Registry("LLM pruning method")
+
+
+def register_llm_pruning(name: str) -> Callable[[PruningMethod], PruningMethod]:
+    """Decorator registering a pruning method for `prune_llm(method=name)`."""
+    return LLM_PRUNING.register(name)
+
+
+def llm_pruning_methods() -> list[str]:
+    return LLM_PRUNING.names()
 
 
 def prune_llm(
@@ -57,29 +70,51 @@ def prune_llm(
     (the output of `input_norms` for wanda-sp, `input_moments` for flap, computed on the same
     model and reusable across budgets) is given.
     """
-    if method not in LLM_PRUNING_METHODS:
-        raise FoldError(f"unknown LLM pruning method {method!r}; known: {LLM_PRUNING_METHODS}.")
+    prune = LLM_PRUNING.get(method)
     arch = architecture_of(model)
-    norms = None
-    if method == "flap":
-        if target_sparsity is None or ratio is not None or recipe is not None:
-            raise FoldError("flap sets per-layer widths itself: give `target_sparsity` only.")
-        moments = statistics
-        if moments is None:
-            if calibration is None:
-                raise FoldError("flap needs `calibration`: token windows (N, L) of real text.")
-            moments = input_moments(model, arch, calibration, batch_size=batch_size)
-        return _flap(model, arch, moments, target_sparsity, tuple(parts), inplace)
-    if method == "wanda-sp" and statistics is not None:
-        norms = statistics
-    elif method == "wanda-sp":
+    return prune(model, arch, ratio=ratio, target_sparsity=target_sparsity, parts=parts,
+                 recipe=recipe, calibration=calibration, statistics=statistics,
+                 batch_size=batch_size, inplace=inplace, round_to=round_to)
+
+
+@register_llm_pruning("magnitude")
+def _magnitude(model: nn.Module, arch: DecoderArchitecture, *, ratio, target_sparsity, parts,
+               recipe, inplace, round_to, **_: Any) -> nn.Module:
+    """Data-free: the L2 norm of each channel's / head's weights."""
+    return transform_llm(model, _selector(None), ratio=ratio, target_sparsity=target_sparsity,
+                         parts=parts, recipe=recipe, inplace=inplace, method="magnitude",
+                         settings={"method": "magnitude", "round_to": round_to},
+                         round_to=round_to)
+
+
+@register_llm_pruning("wanda-sp")
+def _wanda_sp(model: nn.Module, arch: DecoderArchitecture, *, ratio, target_sparsity, parts,
+              recipe, calibration, statistics, batch_size, inplace, round_to,
+              **_: Any) -> nn.Module:
+    """Weights times input norms (`input_norms`, or `statistics` given)."""
+    norms = statistics
+    if norms is None:
         if calibration is None:
             raise FoldError("wanda-sp needs `calibration`: token windows (N, L) of real text.")
         norms = input_norms(model, arch, calibration, batch_size=batch_size)
-    selector = _selector(norms)
-    return transform_llm(model, selector, ratio=ratio, target_sparsity=target_sparsity,
-                         parts=parts, recipe=recipe, inplace=inplace, method=method,
-                         settings={"method": method, "round_to": round_to}, round_to=round_to)
+    return transform_llm(model, _selector(norms), ratio=ratio, target_sparsity=target_sparsity,
+                         parts=parts, recipe=recipe, inplace=inplace, method="wanda-sp",
+                         settings={"method": "wanda-sp", "round_to": round_to},
+                         round_to=round_to)
+
+
+@register_llm_pruning("flap")
+def _flap_method(model: nn.Module, arch: DecoderArchitecture, *, ratio, target_sparsity, parts,
+                 recipe, calibration, statistics, batch_size, inplace, **_: Any) -> nn.Module:
+    """Fluctuation scores ranked globally, with bias compensation (`input_moments`)."""
+    if target_sparsity is None or ratio is not None or recipe is not None:
+        raise FoldError("flap sets per-layer widths itself: give `target_sparsity` only.")
+    moments = statistics
+    if moments is None:
+        if calibration is None:
+            raise FoldError("flap needs `calibration`: token windows (N, L) of real text.")
+        moments = input_moments(model, arch, calibration, batch_size=batch_size)
+    return _flap(model, arch, moments, target_sparsity, tuple(parts), inplace)
 
 
 @torch.no_grad()
@@ -168,7 +203,7 @@ def _fluctuation(moments, key, weight: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _flap(model: nn.Module, arch: DecoderArchitecture, moments, target: float,
           parts: tuple[str, ...], inplace: bool) -> nn.Module:
-    from modelfold.config import check_ratio
+    from modelfold.budget import check_ratio
     from modelfold.llm.fold import count_parameters, layer_shape
 
     target = check_ratio(target, "target_sparsity")

@@ -1,8 +1,13 @@
-"""Channel feature vectors: producer rows (weights, biases, norm affine) + consumer columns."""
+"""Channel feature vectors: producer rows (weights, biases, norm affine) + consumer columns.
+
+A feature builder picks the blocks of a group a clusterer sees: "full" = producer rows and
+consumer columns (reference R1 semantics), "producer" = producer rows only. Add one with
+`register_features("name")(fn)`, `fn(group) -> list of (n, e) blocks`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -11,6 +16,19 @@ from modelfold.errors import FoldError
 from modelfold.graph.groups import ChannelGroup
 from modelfold.graph.handlers import find_layer_handler
 from modelfold.graph.layout import SlotLayout
+from modelfold.registry import Registry
+
+FeatureBuilder = Callable[[ChannelGroup], list[torch.Tensor]]
+FEATURES: Registry[FeatureBuilder] = Registry("feature set")
+
+
+def register_features(name: str) -> Callable[[FeatureBuilder], FeatureBuilder]:
+    """Decorator registering `fn(group) -> [(n, e) blocks]` as the feature set `name`."""
+    return FEATURES.register(name)
+
+
+def feature_names() -> list[str]:
+    return FEATURES.names()
 
 
 def channel_blocks(group: ChannelGroup) -> Iterator[tuple[str, Any, torch.Tensor, torch.Tensor]]:
@@ -35,8 +53,7 @@ def group_features(
     group: ChannelGroup, *, features: str = "full", normalize_blocks: bool = False
 ) -> torch.Tensor:
     """(n, d) float32 feature matrix of a group's channels (heads for a head group)."""
-    blocks = [block.float() for role, _, _, block in channel_blocks(group)
-              if features == "full" or role == "producer"]
+    blocks = FEATURES.get(features)(group)
     if not blocks:
         raise FoldError(f"group {group.name!r} has no weights to cluster on.")
     if normalize_blocks:
@@ -48,6 +65,18 @@ def group_features(
             "NaN or Inf; folding them would produce a silently wrong model."
         )
     return x
+
+
+@register_features("full")
+def _full(group: ChannelGroup) -> list[torch.Tensor]:
+    """Producer rows and consumer columns."""
+    return [block.float() for _, _, _, block in channel_blocks(group)]
+
+
+@register_features("producer")
+def _producer(group: ChannelGroup) -> list[torch.Tensor]:
+    """Producer rows only."""
+    return [block.float() for role, _, _, block in channel_blocks(group) if role == "producer"]
 
 
 def head_block(tensor: torch.Tensor, axis: int, heads: int) -> torch.Tensor:

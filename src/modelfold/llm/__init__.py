@@ -7,12 +7,16 @@ from modelfold.llm.architectures import (
     saved_dtype,
     supported_model_types,
 )
+from modelfold.llm.config import LLMFoldConfig
 from modelfold.llm.fold import (
     PARTS,
     RECIPES,
     LayerShape,
     fold_llm,
     layer_shape,
+    register_llm_allocation,
+    register_llm_clusterer,
+    register_llm_repair,
     resize_layers,
     transform_llm,
 )
@@ -21,11 +25,15 @@ __all__ = [
     "PARTS",
     "RECIPES",
     "DecoderArchitecture",
+    "LLMFoldConfig",
     "LayerShape",
     "architecture_of",
     "fold_llm",
     "layer_shape",
     "register_architecture",
+    "register_llm_allocation",
+    "register_llm_clusterer",
+    "register_llm_repair",
     "resize_layers",
     "saved_dtype",
     "supported_model_types",

@@ -17,6 +17,10 @@ and Wanda-sp pruning (`modelfold.baselines.llm`) use the same code with a select
 Math is done in float32 whatever the model's dtype, and the user's model is never changed
 unless `inplace=True`: the result shares every unchanged tensor with it instead of copying the
 whole model, so memory stays at one model plus the rebuilt layers.
+
+`fold_llm(model, LLMFoldConfig(...))` picks its strategies by name from registries:
+clusterers (the weight clusterers of `modelfold.cluster` plus `register_llm_clusterer`),
+`register_llm_allocation` and `register_llm_repair`.
 """
 
 from __future__ import annotations
@@ -30,13 +34,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelfold.budget import bisect_ratio, check_ratio, kept_channels
 from modelfold.cluster import cluster_channels
-from modelfold.config import FoldConfig, bisect_ratio, check_ratio, kept_channels
+from modelfold.config import register_pipeline
 from modelfold.errors import FoldError, check_parameters
 from modelfold.llm.architectures import DecoderArchitecture, architecture_of
+from modelfold.llm.config import (
+    LLM_ALLOCATIONS,
+    LLM_CLUSTERERS,
+    LLM_REPAIRS,
+    PARTS,
+    LLMFoldConfig,
+    register_llm_allocation,
+    register_llm_clusterer,
+    register_llm_repair,
+)
 from modelfold.record import LLMFoldRecord, attach_llm_record
-
-PARTS = ("mlp", "attention")
 
 # The paper's LLaMA-1-7B recipe (Section 5): MLP of layers 5-10 at 0.5 and 13-27 at 0.4.
 RECIPES: dict[str, dict[str, dict[int, float]]] = {
@@ -52,64 +65,118 @@ class LayerShape:
     num_key_value_heads: int
 
 
+class LLMFoldContext:
+    """What LLM strategies read: the model, its architecture, the config and, computed once on
+    first use, text the original model generates itself."""
+
+    def __init__(self, model: nn.Module, config: LLMFoldConfig) -> None:
+        self.model, self.config = model, config
+        self.arch = architecture_of(model)
+        self._tokens: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        if self._tokens is None:
+            from modelfold.llm.repair import self_generated_tokens
+
+            self._tokens = self_generated_tokens(self.model, seed=self.config.seed)
+        return self._tokens
+
+
 def fold_llm(
     model: nn.Module,
+    config: LLMFoldConfig,
     *,
-    ratio: float | None = None,
-    target_sparsity: float | None = None,
-    parts: Iterable[str] = ("mlp",),
-    recipe: str | Mapping[str, Mapping[Any, float]] | None = None,
-    config: FoldConfig | None = None,
-    seed: int | None = None,
     inplace: bool = False,
     device: str | torch.device | None = None,
 ) -> nn.Module:
-    """Fold a Hugging Face LLaMA / Qwen2 / Mistral causal LM (see the module docstring).
-
-    Exactly one of `ratio` (fraction of channels/heads removed in every layer of `parts`),
-    `target_sparsity` (fraction of all parameters; a uniform ratio reaching it is solved for) or
-    `recipe` (per-layer ratios: a preset name from `RECIPES` or {"mlp": {layer: ratio},
-    "attention": {...}}; layer keys may be ints or "a-b" ranges) must be given.
-    `config` supplies the clustering settings (k-means, `n_init`, `seed`, ...).
-    """
-    config, ratio, target_sparsity = resolve_llm_config(config, ratio, target_sparsity, recipe,
-                                                        seed)
-    if config.repair not in ("none", "self_generated"):
-        raise FoldError(f"repair={config.repair!r} applies to the graph-based path; LLM folding "
-                        "takes repair='none' or 'self_generated'.")
-    selector = fold_selector_from_config(config)
-    allocation: str | Callable[[LayerPlan], LayerPlan] = config.allocation
+    """Fold a Hugging Face LLaMA / Qwen2 / Mistral causal LM (see the module docstring) as
+    `config` says: budget (`ratio`, `target_sparsity` or `recipe`), `parts`, clusterer,
+    allocation and repair."""
+    if not isinstance(config, LLMFoldConfig):
+        raise FoldError(f"`config` must be an LLMFoldConfig, got {type(config).__name__}.")
+    if inplace and self_calibrated(config):
+        raise FoldError(f"{calibrated_options(config)} compare(s) the folded layers with "
+                        "the original ones; it cannot fold in place.")
+    context = LLMFoldContext(model, config)
     if self_calibrated(config):
-        if inplace:
-            raise FoldError(f"{calibrated_options(config)} compare(s) the folded layers with "
-                            "the original ones; it cannot fold in place.")
-        from modelfold.llm.repair import CalibratedSelector, self_generated_tokens
-
-        arch = architecture_of(model)
-        tokens = self_generated_tokens(model, seed=config.seed)  # the original's own text
-        if config.allocation == "sensitivity":
-            allocation = partial(protect_sensitive_layers, model, arch, tokens, config.round_to)
-        selector = CalibratedSelector(model, arch, tokens, repair=config.repair != "none",
-                                      base=None if config.clusterer == "activation" else selector)
-    return transform_llm(model, selector, ratio=ratio, target_sparsity=target_sparsity,
-                         parts=parts, recipe=recipe, tolerance=config.sparsity_tolerance,
+        context.tokens  # noqa: B018 - the original's own text, before anything is folded
+    if config.clusterer in LLM_CLUSTERERS:
+        selector = LLM_CLUSTERERS.get(config.clusterer).fn(context)
+    else:
+        selector = fold_selector_from_config(config)
+    selector = LLM_REPAIRS.get(config.repair).fn(context, selector)
+    allocation = partial(LLM_ALLOCATIONS.get(config.allocation).fn, context)
+    return transform_llm(model, selector, ratio=config.ratio,
+                         target_sparsity=config.target_sparsity, parts=config.parts,
+                         recipe=config.recipe, tolerance=config.sparsity_tolerance,
                          inplace=inplace, device=device, method="fold",
                          settings=config.to_dict(), round_to=config.round_to,
                          allocation=allocation)
 
 
-def self_calibrated(config: FoldConfig) -> bool:
+@register_pipeline(LLMFoldConfig)
+def fold_llm_pipeline(model: nn.Module, example_inputs: Any, config: LLMFoldConfig,
+                      **options: Any) -> nn.Module:
+    """`modelfold.fold` for an `LLMFoldConfig`: no example inputs are needed (or read)."""
+    return fold_llm(model, config, **options)
+
+
+def self_calibrated(config: LLMFoldConfig) -> bool:
     """Whether folding with `config` runs the model on text it generates itself."""
     return bool(calibrated_options(config))
 
 
-def calibrated_options(config: FoldConfig) -> str:
+def calibrated_options(config: LLMFoldConfig) -> str:
     """The options of `config` that run the model on its own text, e.g. "clusterer='activation'"."""
-    options = [f"{name}={value!r}" for name, value, on in (
-        ("clusterer", config.clusterer, config.clusterer == "activation"),
-        ("repair", config.repair, config.repair == "self_generated"),
-        ("allocation", config.allocation, config.allocation == "sensitivity")) if on]
+    options = [f"{name}={value!r}" for name, value, registry in (
+        ("clusterer", config.clusterer, LLM_CLUSTERERS),
+        ("repair", config.repair, LLM_REPAIRS),
+        ("allocation", config.allocation, LLM_ALLOCATIONS))
+        if value in registry and registry.get(value).needs_text]
     return ", ".join(options)
+
+
+@register_llm_clusterer("activation", needs_text=True)
+def _activation_clusterer(context: LLMFoldContext):
+    """MLP channels clustered by their outputs on self-generated text (`modelfold.llm.repair`)."""
+    from modelfold.llm.repair import CalibratedSelector
+
+    return CalibratedSelector(context.model, context.arch, context.tokens)
+
+
+@register_llm_repair("none")
+def _no_repair(context: LLMFoldContext, selector):
+    return selector
+
+
+@register_llm_repair("self_generated", needs_text=True)
+def _self_generated_repair(context: LLMFoldContext, selector):
+    """Least-squares refit of the folded down projections on self-generated text."""
+    from modelfold.llm.repair import CalibratedSelector
+
+    if isinstance(selector, CalibratedSelector):
+        selector.repair = True
+        return selector
+    return CalibratedSelector(context.model, context.arch, context.tokens, base=selector,
+                              repair=True)
+
+
+@register_llm_allocation("uniform")
+def _uniform_allocation(context: LLMFoldContext, plan: LayerPlan) -> LayerPlan:
+    """Every layer of `parts` loses the same fraction (or the recipe's)."""
+    return plan
+
+
+@register_llm_allocation("inertia")
+def _inertia_allocation(context: LLMFoldContext, plan: LayerPlan) -> LayerPlan:
+    return allocate_mlp(context.model, context.arch, plan, context.config.round_to)
+
+
+@register_llm_allocation("sensitivity", needs_text=True)
+def _sensitivity_allocation(context: LLMFoldContext, plan: LayerPlan) -> LayerPlan:
+    return protect_sensitive_layers(context.model, context.arch, context.tokens,
+                                    context.config.round_to, plan)
 
 
 def protect_sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor,
@@ -129,19 +196,6 @@ def protect_sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens
         protect(kept, widths, protected, round_to))))
 
 
-def resolve_llm_config(config: FoldConfig | None, ratio: float | None,
-                       target_sparsity: float | None, recipe: Any, seed: int | None
-                       ) -> tuple[FoldConfig, float | None, float | None]:
-    """(clustering config, ratio, target_sparsity): the budget comes from `config` when no
-    argument gives one; `seed` overrides the config's."""
-    if config is not None and ratio is None and target_sparsity is None and recipe is None:
-        ratio, target_sparsity = config.ratio, config.target_sparsity
-    config = config or FoldConfig(ratio=0.0)
-    if seed is not None:
-        config = FoldConfig.from_dict({**config.to_dict(), "seed": seed})
-    return config, ratio, target_sparsity
-
-
 def transform_llm(
     model: nn.Module,
     selector: Callable[[str, int, nn.Module, DecoderArchitecture, int], Any],
@@ -156,17 +210,16 @@ def transform_llm(
     method: str = "fold",
     settings: dict[str, Any] | None = None,
     round_to: int = 1,
-    allocation: str | Callable[[LayerPlan], LayerPlan] = "uniform",
+    allocation: Callable[[LayerPlan], LayerPlan] | None = None,
 ) -> nn.Module:
     """Shrink the layers of `model` with `selector`, which maps (part, layer index, layer,
-    architecture, kept count) to a (mean_map, sum_map) pair. Shared by folding and pruning."""
+    architecture, kept count) to a (mean_map, sum_map) pair; `allocation` may then spread the
+    planned budget over the layers. Shared by folding and pruning."""
     arch = architecture_of(model)
     check_parameters(model)
     plan = plan_layers(model, arch, ratio=ratio, target_sparsity=target_sparsity, parts=parts,
                        recipe=recipe, tolerance=tolerance, round_to=round_to)
-    if allocation == "inertia":
-        plan = allocate_mlp(model, arch, plan, round_to)
-    elif callable(allocation):
+    if allocation is not None:
         plan = allocation(plan)
     shapes, new_shapes, predicted = plan.shapes, plan.new_shapes, plan.params_after
 
@@ -409,7 +462,7 @@ def selection_maps(keep: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     return select, select
 
 
-def fold_selector_from_config(config: FoldConfig):
+def fold_selector_from_config(config: Any):
     """The folding selector with the clusterer settings of `config`."""
     return folding_selector(lambda features, k: cluster_channels(features, k, config))
 

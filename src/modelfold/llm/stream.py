@@ -30,15 +30,15 @@ from typing import Any
 
 import torch
 
-from modelfold.config import FoldConfig
+from modelfold.config import FoldConfig, resolve_config
 from modelfold.errors import FoldError
 from modelfold.files import atomic_folder, write_hf_manifest
 from modelfold.llm.architectures import architecture_of, saved_dtype
+from modelfold.llm.config import LLMFoldConfig
 from modelfold.llm.fold import (
     calibrated_options,
     fold_selector_from_config,
     plan_layers,
-    resolve_llm_config,
     self_calibrated,
     set_config_shapes,
     shrink_layer,
@@ -100,16 +100,16 @@ def fold_checkpoint(
     ratio: float | None = None,
     target_sparsity: float | None = None,
     recipe: str | Mapping[str, Mapping[Any, float]] | None = None,
-    parts: Iterable[str] = ("mlp",),
-    config: FoldConfig | None = None,
+    parts: Iterable[str] | None = None,
+    config: LLMFoldConfig | FoldConfig | None = None,
     seed: int | None = None,
     device: str | torch.device | None = None,
 ) -> LLMFoldRecord:
     """Fold the checkpoint folder `src` into the folder `out`, one decoder layer at a time.
 
     Same arguments and result as `modelfold.fold` on the loaded model followed by
-    `modelfold.save`; `device` is where each layer is folded (e.g. "cuda"). Returns the fold
-    record (shapes, ratios, parameter counts).
+    `modelfold.save` (the keywords override the fields of `config`); `device` is where each
+    layer is folded (e.g. "cuda"). Returns the fold record (shapes, ratios, parameter counts).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -119,8 +119,10 @@ def fold_checkpoint(
     if src.resolve() == out.resolve():
         raise FoldError("`out` must differ from `src`: the source shards are read while the "
                         "folded ones are written.")
-    config, ratio, target_sparsity = resolve_llm_config(config, ratio, target_sparsity, recipe,
-                                                        seed)
+    if isinstance(config, FoldConfig):
+        config = LLMFoldConfig.from_fold_config(config)
+    config = resolve_config(LLMFoldConfig, config, ratio=ratio, target_sparsity=target_sparsity,
+                            recipe=recipe, seed=seed, parts=parts)
     if config.repair != "none" or self_calibrated(config):
         options = calibrated_options(config) or f"repair={config.repair!r}"
         raise FoldError(f"fold_checkpoint: {options} run(s) the whole model; load the model "
@@ -133,8 +135,9 @@ def fold_checkpoint(
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=saved_dtype(hf_config))
     arch = architecture_of(skeleton)
-    plan = plan_layers(skeleton, arch, ratio=ratio, target_sparsity=target_sparsity,
-                       parts=parts, recipe=recipe, tolerance=config.sparsity_tolerance,
+    plan = plan_layers(skeleton, arch, ratio=config.ratio,
+                       target_sparsity=config.target_sparsity, parts=config.parts,
+                       recipe=config.recipe, tolerance=config.sparsity_tolerance,
                        round_to=config.round_to)
     selector = fold_selector_from_config(config)
     layers = arch.layers(skeleton)

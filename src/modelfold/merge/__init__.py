@@ -1,9 +1,15 @@
-"""Merging: apply a fold plan to a model (cluster means for producers, sums for consumers).
+"""Merge step: per-layer merge rules and applying a fold plan to the model.
 
-The per-layer rules live in `modelfold.graph.handlers` (group discovery needs them too); the
-registration functions are re-exported here.
+Register a rule for a new kind of layer with `register_layer_handler(LayerHandler(...))`, or for
+a new attention module with `register_attention_handler(AttentionHandler(...))`.
 """
 
-from modelfold.graph.handlers import register_attention_handler, register_layer_handler
+from modelfold.graph.handlers import (
+    AttentionHandler,
+    LayerHandler,
+    register_attention_handler,
+    register_layer_handler,
+)
 
-__all__ = ["register_attention_handler", "register_layer_handler"]
+__all__ = ["AttentionHandler", "LayerHandler", "register_attention_handler",
+           "register_layer_handler"]

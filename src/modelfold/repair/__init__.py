@@ -8,7 +8,8 @@
 | "deep_inversion" | Fold-DIR   | synthesised from the original model's BN statistics, then "data" |
 
 A strategy is a class with three optional steps around clustering and merging; register new
-ones with `register_repair`.
+ones with `register_repair`. Fold-AR's correlation estimators (`ar_correlation`) have their
+own registry, `register_correlation`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from torch import nn
 from modelfold.errors import FoldError
 from modelfold.graph.groups import GroupDiscovery
 from modelfold.merge.plan import FoldPlan
+from modelfold.registry import Registry
 from modelfold.repair import approx, statistics
 from modelfold.repair import calibration as calib
+from modelfold.repair.approx import correlation_names, register_correlation
 from modelfold.repair.deep_inversion import DeepInversionConfig, synthesize
 
 
@@ -43,22 +46,21 @@ class Repair:
         """Runs on the folded model."""
 
 
-_REPAIRS: dict[str, type[Repair]] = {}
+REPAIRS: Registry[type[Repair]] = Registry("repair")
 
 
 def register_repair(cls: type[Repair]) -> type[Repair]:
-    _REPAIRS[cls.name] = cls
+    """Class decorator registering a `Repair` subclass under its `name`."""
+    REPAIRS.register(cls.name, cls)
     return cls
 
 
 def get_repair(name: str) -> Repair:
-    if name not in _REPAIRS:
-        raise FoldError(f"unknown repair {name!r}; choose one of {sorted(_REPAIRS)}.")
-    return _REPAIRS[name]()
+    return REPAIRS.get(name)()
 
 
 def repair_names() -> list[str]:
-    return sorted(_REPAIRS)
+    return REPAIRS.names()
 
 
 register_repair(Repair)
@@ -163,17 +165,5 @@ class DebiasedDeepInversionRepair(DeepInversionRepair):
     debias = True
 
 
-__all__ = ["DeepInversionConfig", "Repair", "get_repair", "register_repair", "repair_names",
-           "synthesize"]
-
-
-@register_repair
-class SelfGeneratedRepair(Repair):
-    """The LLM repair (`modelfold.llm.repair`); listed here so that FoldConfig accepts it."""
-
-    name = "self_generated"
-
-    def before_plan(self, work, discovery, config) -> None:
-        raise FoldError("repair='self_generated' is the repair of Hugging Face causal LMs "
-                        "(text the model generates itself); for this model use "
-                        "'deep_inversion_debiased' or 'deep_inversion'.")
+__all__ = ["REPAIRS", "DeepInversionConfig", "Repair", "correlation_names", "get_repair",
+           "register_correlation", "register_repair", "repair_names", "synthesize"]

@@ -22,6 +22,7 @@ variance (1 + (N - 1) rho) / N: the variance collapses. Fold-AR undoes it withou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ from modelfold.graph.groups import ChannelGroup, GroupDiscovery
 from modelfold.graph.handlers import find_layer_handler
 from modelfold.graph.layout import SlotLayout
 from modelfold.merge.plan import FoldPlan
+from modelfold.registry import Registry
 
 _BN = nn.modules.batchnorm._BatchNorm
 _LINEAR = (nn.Linear, nn.modules.conv._ConvNd)
@@ -106,21 +108,12 @@ def plan_corrections(discovery: GroupDiscovery, plan: FoldPlan, pairs: dict, *,
         sizes = torch.bincount(labels, minlength=gp.k).double()
         bns = [s for s in group.slots if isinstance(s.module, _BN)]
         if bns:
-            full = None
-            if correlation == "full":
-                full = group_features(group, features="full")
+            estimate = CORRELATIONS.get(correlation)
             for slot in bns:
                 producer = pairs.get(slot.module)
                 if producer is None:
                     continue  # not fed by one conv/linear: no weight-based estimate
-                if full is not None:
-                    rows = full
-                elif correlation == "spatial_mean":
-                    rows = _rows(group, producer, spatial_sum=True)
-                elif correlation == "calibrated":
-                    rows = calibrated_rows(_rows(group, producer), producer)
-                else:
-                    rows = _rows(group, producer)
+                rows = estimate(group, producer)
                 scale = variance_scale(_cluster_cosine(rows, labels, gp.k), sizes, floor)
                 state.bn_scales.append((slot.module, scale))
         elif _plain_linear_group(group):
@@ -158,6 +151,44 @@ def calibrated_rows(rows: torch.Tensor, producer: nn.Module) -> torch.Tensor:
         return rows
     a, b, c = (float(v) ** 0.5 for v in coef)
     return torch.cat([a * rows, b * spatial, c * total], 1)
+
+
+# (group, producer feeding the BN) -> rows whose cosines estimate the activation correlations
+CorrelationEstimator = Callable[[ChannelGroup, nn.Module], torch.Tensor]
+CORRELATIONS: Registry[CorrelationEstimator] = Registry("ar_correlation estimator")
+
+
+def register_correlation(name: str) -> Callable[[CorrelationEstimator], CorrelationEstimator]:
+    """Decorator registering `fn(group, producer) -> rows` as `ar_correlation="name"`."""
+    return CORRELATIONS.register(name)
+
+
+def correlation_names() -> list[str]:
+    return CORRELATIONS.names()
+
+
+@register_correlation("producer")
+def _producer_rows(group: ChannelGroup, producer: nn.Module) -> torch.Tensor:
+    """The producer's weight rows (the paper's derivation: white inputs)."""
+    return _rows(group, producer)
+
+
+@register_correlation("full")
+def _full_rows(group: ChannelGroup, producer: nn.Module) -> torch.Tensor:
+    """The group's full feature vectors (the reference code's last version)."""
+    return group_features(group, features="full")
+
+
+@register_correlation("spatial_mean")
+def _spatial_rows(group: ChannelGroup, producer: nn.Module) -> torch.Tensor:
+    """Spatially summed kernels (the response to a locally constant input)."""
+    return _rows(group, producer, spatial_sum=True)
+
+
+@register_correlation("calibrated")
+def _calibrated_rows(group: ChannelGroup, producer: nn.Module) -> torch.Tensor:
+    """Rows under an input covariance fitted to the BN statistics (`calibrated_rows`)."""
+    return calibrated_rows(_rows(group, producer), producer)
 
 
 def _plain_linear_group(group: ChannelGroup) -> bool:

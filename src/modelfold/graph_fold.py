@@ -1,0 +1,280 @@
+"""The graph path: fold any traceable model (`FoldConfig`), and the steps it shares with the
+baselines of `modelfold.baselines` (copy, trace, check, record).
+
+validate -> copy -> trace the channel groups -> budget (`modelfold.budget.cluster_counts`) ->
+repair.before_plan -> cluster every group -> repair.before_merge -> merge -> repair.after_merge
+-> check the parameter count and output shapes -> record.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelfold.budget import cluster_counts
+from modelfold.cluster import cluster_channels, group_features
+from modelfold.config import FoldConfig, register_pipeline
+from modelfold.errors import FoldError, check_parameters
+from modelfold.graph import GroupDiscovery, discover_groups
+from modelfold.merge.apply import apply_plan, predicted_parameter_count
+from modelfold.merge.plan import FoldPlan, GroupPlan
+from modelfold.record import (
+    FACTORY_ATTR,
+    RECORD_ATTR,
+    FoldRecord,
+    GroupInfo,
+    changed_attrs,
+    input_spec,
+    simple_attrs,
+)
+from modelfold.repair import get_repair
+
+
+@register_pipeline(FoldConfig, options=("ignored", "inplace", "device", "calibration"))
+def fold_graph(
+    model: nn.Module,
+    example_inputs: Any,
+    config: FoldConfig,
+    *,
+    ignored: Iterable[nn.Module] = (),
+    inplace: bool = False,
+    device: str | torch.device | None = None,
+    calibration: Any = None,
+) -> nn.Module:
+    """Fold `model` as `config` says: cluster the channels of every coupled group and merge
+    each cluster (arguments as `modelfold.fold`)."""
+    if not isinstance(config, FoldConfig):
+        raise FoldError(f"`config` must be a FoldConfig, got {type(config).__name__}.")
+    repairer = get_repair(config.repair)
+    if not isinstance(model, nn.Module):
+        raise FoldError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if example_inputs is None:
+        raise FoldError("`example_inputs` is required: a tensor, tuple or dict the model accepts.")
+    check_parameters(model)
+    dev = resolve_device(device, model)
+    ignored_names = check_targets(model, ignored, config.module_ratios)
+
+    attrs_before = {n: simple_attrs(m) for n, m in model.named_modules()}
+    was_training = model.training
+    work = model if inplace else copy.deepcopy(model)
+    work = work.to(dev)
+    inputs = to_device(example_inputs, dev)
+    reference = reference_output(work, inputs)
+
+    if not (repairer.needs_original or config.self_calibrate):
+        original = work  # unused by the repair
+    elif inplace or device_of(model) != dev:
+        original = copy.deepcopy(work)  # work is still unfolded here
+    else:
+        original = model  # only read (hooks, eval mode restored afterwards)
+    modules = dict(work.named_modules())
+    discovery = discover_groups(work, inputs, ignored=[modules[n] for n in ignored_names])
+    params_before = count_parameters(work)
+    if params_before == 0:
+        raise FoldError("the model has no parameters to fold.")
+    producers = {s.name for g in discovery.groups if g.foldable for s in g.slots
+                 if s.role == "producer"}
+    for name in config.module_ratios:
+        if name not in producers:
+            raise FoldError(
+                f"module_ratios[{name!r}]: this module writes no foldable channel group (its "
+                "outputs are the network output, ignored, or coupled by an unsupported op)."
+            )
+    if config.self_calibrate:
+        base_ratio, ks = cluster_counts(work, discovery, config, params_before)
+    else:
+        repairer.before_plan(work, discovery, config)
+        base_ratio, ks = cluster_counts(work, discovery, config, params_before)
+        plan = make_plan(discovery, config, base_ratio, ks)
+        predicted = predicted_parameter_count(work, discovery,
+                                              {g: p.k for g, p in plan.groups.items()})
+        repairer.before_merge(work, discovery, plan, config)
+        apply_plan(discovery, plan)
+    calibration_report = None
+    original_training = original.training
+    try:
+        if config.self_calibrate:
+            from modelfold.calibrate.graph import self_calibrated_fold
+
+            plan, predicted, calibration_report = self_calibrated_fold(
+                work, original, discovery, config, ks, inputs)
+            plan.ratio = base_ratio
+        else:
+            repairer.after_merge(original, work, discovery, plan, config, calibration, inputs)
+    finally:
+        original.train(original_training)
+    work.train(was_training)
+
+    params_after = count_parameters(work)
+    if params_after != predicted:
+        raise FoldError(
+            f"folding removed a different number of parameters than the channel groups imply "
+            f"({params_after} left, {predicted} expected): an op the dependency graph cannot see "
+            "couples channels. Pass the modules around it in `ignored=`."
+        )
+    check_output(work, inputs, reference)
+    record = FoldRecord(
+        config=config.to_dict(),
+        ratio=base_ratio,
+        plan=plan.to_dict(),
+        groups=group_infos(discovery, plan),
+        module_attrs=changed_attrs(attrs_before, work),
+        input_spec=input_spec(example_inputs),
+        params_before=params_before,
+        params_after=params_after,
+        factory=getattr(model, FACTORY_ATTR, None),
+        extra={"self_calibration": calibration_report} if calibration_report else {},
+    )
+    setattr(work, RECORD_ATTR, record)
+    return work
+
+
+def make_plan(discovery: GroupDiscovery, config: FoldConfig, ratio: float,
+              ks: dict[str, int]) -> FoldPlan:
+    """Cluster every foldable group (all on the unmodified weights) into its k clusters (`ks`:
+    group name -> k; groups not in it keep all channels)."""
+    plan = FoldPlan(ratio=ratio)
+    for group in discovery.groups:
+        if not group.foldable:
+            continue
+        k = ks.get(group.name, group.n)
+        if k == group.n:
+            continue
+        x = group_features(group, features=config.features,
+                           normalize_blocks=config.normalize_blocks)
+        labels = cluster_channels(x, k, config)
+        plan.groups[group.name] = GroupPlan(group.name, group.kind, group.n, k,
+                                            labels.cpu().tolist())
+    return plan
+
+
+# ---------------------------------------------------------------- steps shared with baselines
+
+
+def check_targets(model: nn.Module, ignored: Iterable[nn.Module],
+                  module_ratios: dict[str, float]) -> list[str]:
+    """Names of the `ignored` modules; refuses modules (or module_ratios names) not in `model`."""
+    names = {id(m): n for n, m in model.named_modules()}
+    ignored_names = []
+    for m in ignored:
+        if id(m) not in names:
+            raise FoldError(
+                f"`ignored` contains a {type(m).__name__} that is not part of the model."
+            )
+        ignored_names.append(names[id(m)])
+    modules = set(names.values())
+    for name in module_ratios:
+        if name not in modules:
+            raise FoldError(f"module_ratios names {name!r}, which is not a module of the model.")
+    return ignored_names
+
+
+def reference_output(model: nn.Module, inputs: Any) -> Any:
+    """The model's output on `inputs` in eval mode (what the compressed model must match)."""
+    try:
+        with torch.no_grad():
+            return call(model.eval(), inputs)
+    except Exception as exc:
+        raise FoldError(
+            f"the model does not run on `example_inputs` ({type(exc).__name__}: {exc})."
+        ) from exc
+
+
+def group_infos(discovery: GroupDiscovery, plan: FoldPlan) -> list[GroupInfo]:
+    infos = []
+    for g in discovery.groups:
+        gp = plan.groups.get(g.name)
+        status = ("output" if g.folds_output else "ignored" if g.ignored_by
+                  else "unsafe" if g.unsafe else "folded" if gp else "kept")
+        infos.append(GroupInfo(g.name, g.kind, g.n, gp.k if gp else g.n,
+                               sorted({s.name for s in g.slots}), status,
+                               g.unsafe if status == "unsafe" else None))
+    return infos
+
+
+def device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def resolve_device(device, model: nn.Module) -> torch.device:
+    if device is None:
+        return device_of(model)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise FoldError(f"`device`={device!r} is not a valid torch device.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FoldError(f"`device`={device!r} was requested but no CUDA GPU is available.")
+    return dev
+
+
+def to_device(x: Any, dev: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(dev)
+    if isinstance(x, dict):
+        return {k: to_device(v, dev) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, dev) for v in x)
+    raise FoldError(
+        "`example_inputs` must be a tensor, a tuple/list of tensors or a dict of tensors, "
+        f"got {type(x).__name__}."
+    )
+
+
+def call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, (list, tuple)) else model(inputs)
+
+
+def _shapes(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict):
+        return {k: _shapes(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [_shapes(v) for v in out]
+    return None
+
+
+def check_output(model: nn.Module, inputs: Any, reference: Any) -> None:
+    """Last sanity check: the folded model runs on `example_inputs` with the output shapes it
+    had. It does not vouch for the values (an op reordering channels keeps every shape): that a
+    fold keeps channel identity is decided by the dependency graph, which leaves any group
+    flowing through an op not known to keep it unfolded (`modelfold.graph.channel_ops`)."""
+    was = model.training
+    try:
+        with torch.no_grad():
+            out = call(model.eval(), inputs)
+    except Exception as exc:
+        raise FoldError(
+            f"the folded model fails on `example_inputs` ({type(exc).__name__}: {exc}); an op the "
+            "dependency graph cannot see couples channels. Pass the modules around it in "
+            "`ignored=`."
+        ) from exc
+    finally:
+        model.train(was)
+    if _shapes(out) != _shapes(reference):
+        raise FoldError(
+            f"folding changed the output shapes {_shapes(reference)} -> {_shapes(out)}; an op "
+            "the dependency graph cannot see couples channels with the output. Pass the "
+            "modules around it in `ignored=`."
+        )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of `model`, each shared tensor counted once."""
+    return sum(p.numel() for p in unique_params(model))
+
+
+def unique_params(model: nn.Module):
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
