@@ -10,15 +10,14 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from modelfold.data import FASHION_MNIST_CLASSES, load_fashion_mnist
-from modelfold.data.fashion_mnist import resolve_root
-from modelfold.zoo import create_model
-from modelfold.zoo.train import (
+from experiments.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, resolve_root
+from experiments.train import (
     augment_batch,
     evaluate_accuracy,
     pretrained_fashion_mnist,
     train_classifier,
 )
+from modelfold.zoo import create_model
 
 DATA_ROOT = resolve_root()
 needs_data = pytest.mark.skipif(
@@ -145,7 +144,7 @@ def test_tiny_training_run_is_accurate_and_deterministic() -> None:
 @needs_data
 def test_pretrained_cache_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Shrink the "full" training set so the cache path is exercised quickly.
-    from modelfold import data
+    from experiments import fashion_mnist as data
 
     small_train, small_test = _subsets()
     monkeypatch.setattr(
