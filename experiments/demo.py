@@ -86,8 +86,9 @@ def run_demo(width: int = 16, epochs: int = 2, out_dir: Path = DEFAULT_OUT,
         for method in methods:
             if method == "fold-dir" and ratio == ratios[0]:
                 say(f"Fold-DIR first synthesises {di_config.num_images} DeepInversion images "
-                    f"from the model's BatchNorm statistics ({di_config.steps} steps, about a "
-                    "minute; cached for later ratios and runs)")
+                    f"from the model's BatchNorm statistics ({di_config.steps} optimisation "
+                    "steps, minutes on 2 cores; a bar shows the time left in a terminal; "
+                    "cached for later ratios and runs)")
             rows.append(_fold_row(model, example, test, calibration, method, ratio, seed, di))
             r = rows[-1]
             say(f"ratio {ratio:.1f} {LABELS[method]:<10}: accuracy {r['accuracy']:.2%}, "
