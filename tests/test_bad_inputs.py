@@ -232,7 +232,7 @@ CASES: list[tuple[str, Callable, str]] = [
 
 
 def mf_sweep():
-    import modelfold.eval.sweep as sweep
+    import experiments.sweep as sweep
 
     return sweep
 

@@ -533,7 +533,7 @@ def test_help_keeps_square_brackets():
 
 
 def test_sweep_help_lists_every_preset():
-    from modelfold.eval.sweep import PRESETS
+    from experiments.sweep import PRESETS
 
     result = runner.invoke(app, ["sweep", "--help"], env=WIDE)
     for name in PRESETS:

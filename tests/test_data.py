@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 
@@ -10,15 +11,14 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from modelfold.data import FASHION_MNIST_CLASSES, load_fashion_mnist
-from modelfold.data.fashion_mnist import resolve_root
-from modelfold.zoo import create_model
-from modelfold.zoo.train import (
+from experiments.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, resolve_root
+from experiments.train import (
     augment_batch,
     evaluate_accuracy,
     pretrained_fashion_mnist,
     train_classifier,
 )
+from modelfold.zoo import create_model
 
 DATA_ROOT = resolve_root()
 needs_data = pytest.mark.skipif(
@@ -145,7 +145,7 @@ def test_tiny_training_run_is_accurate_and_deterministic() -> None:
 @needs_data
 def test_pretrained_cache_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Shrink the "full" training set so the cache path is exercised quickly.
-    from modelfold import data
+    from experiments import fashion_mnist as data
 
     small_train, small_test = _subsets()
     monkeypatch.setattr(
@@ -163,3 +163,54 @@ def test_pretrained_cache_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     for pa, pb in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(pa, pb)
     assert not again.training
+
+
+@needs_data
+def test_pretrained_with_pinned_threads_is_bit_reproducible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from experiments import fashion_mnist as data
+
+    small_train, small_test = _subsets()
+    small_train = TensorDataset(*(t[:1024] for t in small_train.tensors))
+    monkeypatch.setattr(
+        data, "load_fashion_mnist", lambda split: small_train if split == "train" else small_test
+    )
+    before = torch.get_num_threads()
+    models = [
+        pretrained_fashion_mnist(
+            "lenet5", width=4, epochs=1, cache_dir=tmp_path / str(run), progress=False, threads=1
+        )
+        for run in range(2)
+    ]
+    assert torch.get_num_threads() == before  # restored after training
+    for run in range(2):
+        files = sorted(p.name for p in (tmp_path / str(run)).iterdir())
+        stem = "fashion_mnist-lenet5-w4-e1-s0-t1"
+        assert files == [f"{stem}.json", f"{stem}.safetensors"]
+        meta = json.loads((tmp_path / str(run) / f"{stem}.json").read_text())
+        assert meta["num_threads"] == 1
+    for (name, pa), pb in zip(
+        models[0].state_dict().items(), models[1].state_dict().values(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+
+
+def test_demo_writes_to_an_ignored_folder(tmp_path: Path) -> None:
+    import subprocess
+
+    from experiments import demo
+
+    root = Path(demo.__file__).resolve().parents[1]
+    assert root / "out" / "demo" == demo.DEFAULT_OUT
+    if (root / ".git").exists():
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", str(demo.DEFAULT_OUT / "x.csv")], cwd=root
+        )
+        assert ignored.returncode == 0, "out/demo/ must be git-ignored"
+    calls: list[dict] = []
+    demo.main([], run=lambda **kwargs: calls.append(kwargs) or [])
+    demo.main(["--out", str(tmp_path), "--threads", "3"], run=lambda **kw: calls.append(kw) or [])
+    assert calls[0]["out_dir"] == demo.DEFAULT_OUT
+    assert calls[0]["threads"] == demo.DEMO_THREADS == 2
+    assert calls[1]["out_dir"] == tmp_path and calls[1]["threads"] == 3

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
+from experiments.train import evaluate_accuracy
 from modelfold.data import ImageFolder, load_cifar10
 from modelfold.data.samples import foolbox_samples
 from modelfold.errors import FoldError
-from modelfold.zoo.train import evaluate_accuracy
 
 # The first ten CIFAR-10 test labels (cat, ship, ship, airplane, frog, frog, automobile, ...).
 FIRST_CIFAR10_TEST_LABELS = [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]

@@ -8,7 +8,7 @@ from torch import nn
 
 import modelfold as mf
 from conftest import make_model
-from modelfold.data import load_fashion_mnist
+from experiments.fashion_mnist import load_fashion_mnist
 from modelfold.repair import DeepInversionConfig, synthesize
 from modelfold.repair.approx import variance_scale
 from modelfold.repair.deep_inversion import bn_statistics_gap
@@ -154,7 +154,7 @@ def test_repair_errors_are_clear(example):
 
 
 def test_deep_inversion_matches_bn_statistics_and_is_deterministic(tmp_path, monkeypatch):
-    monkeypatch.setenv("MODELFOLD_CACHE_ROOT", str(tmp_path))
+    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path))
     model = make_model("resnet18")
     # BN statistics of real images (as in a trained model), so that they are attainable
     reset_batchnorm(model, load_fashion_mnist("test").tensors[0][:256])
@@ -168,7 +168,7 @@ def test_deep_inversion_matches_bn_statistics_and_is_deterministic(tmp_path, mon
 
 
 def test_deep_inversion_cache_is_keyed_by_the_weights(tmp_path, monkeypatch):
-    monkeypatch.setenv("MODELFOLD_CACHE_ROOT", str(tmp_path))
+    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path))
     cfg = DeepInversionConfig(num_images=4, steps=3, batch_size=4)
     model = make_model("lenet5")
     with pytest.raises(mf.FoldError, match="BatchNorm"):
@@ -183,7 +183,7 @@ def test_deep_inversion_cache_is_keyed_by_the_weights(tmp_path, monkeypatch):
 
 
 def test_fold_dir_end_to_end(tmp_path, monkeypatch, example):
-    monkeypatch.setenv("MODELFOLD_CACHE_ROOT", str(tmp_path))
+    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path))
     model = make_model("vgg11_bn")
     cfg = mf.FoldConfig(ratio=0.5, repair="deep_inversion",
                         deep_inversion={"num_images": 16, "steps": 10, "batch_size": 16})
@@ -194,7 +194,7 @@ def test_fold_dir_end_to_end(tmp_path, monkeypatch, example):
 
 def test_debiased_deep_inversion_at_ratio_zero_restores_the_stored_statistics(
         tmp_path, monkeypatch, example):
-    monkeypatch.setenv("MODELFOLD_CACHE_ROOT", str(tmp_path))
+    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path))
     model = make_model("resnet18")
     reset_batchnorm(model, load_fashion_mnist("test").tensors[0][:128])  # attainable stats
     di = {"num_images": 16, "steps": 10, "batch_size": 16}
@@ -217,8 +217,8 @@ def test_debiased_deep_inversion_at_ratio_zero_restores_the_stored_statistics(
 @pytest.fixture(scope="module")
 def trained_vgg():
     """VGG11-BN (width 8) trained one epoch on real Fashion-MNIST (train, test)."""
+    from experiments.train import train_classifier
     from modelfold.zoo import create_model
-    from modelfold.zoo.train import train_classifier
 
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     torch.manual_seed(0)
@@ -232,7 +232,7 @@ def test_debiased_statistics_predict_the_real_data_statistics_better(
     """On a trained model folded at r = 0.3 the data-free BN statistics of Fold-DIR debiased are
     closer to those real images give the same folded model (Fold-R) than plain Fold-DIR's, and
     within 25 % (median relative error of the running variance)."""
-    monkeypatch.setenv("MODELFOLD_CACHE_ROOT", str(tmp_path))
+    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path))
     model, train, test = trained_vgg
     di = {"num_images": 64, "steps": 60, "lr": 0.05, "batch_size": 64}
     example = test.tensors[0][:2]
@@ -256,7 +256,7 @@ def test_debiased_statistics_predict_the_real_data_statistics_better(
 
 def test_repairs_beat_fold_naive_on_a_trained_bn_network(trained_vgg):
     """VGG11-BN (width 8) trained one epoch on real Fashion-MNIST, folded at ratio 0.3."""
-    from modelfold.zoo.train import evaluate_accuracy
+    from experiments.train import evaluate_accuracy
 
     model, train, test = trained_vgg
     calibration = train.tensors[0][30000:31024]

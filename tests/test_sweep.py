@@ -10,16 +10,15 @@ from typer.testing import CliRunner
 
 import modelfold as mf
 from conftest import make_model
+from experiments.sweep import FIELDS, preset, read_rows, run_sweep
 from modelfold.baselines import magnitude_prune
 from modelfold.baselines.magnitude import channel_norms
 from modelfold.cli import app
-from modelfold.eval.sweep import FIELDS, preset, read_rows, run_sweep
 from modelfold.graph import discover_groups
 
 
 def test_quick_sweep_writes_tables_and_plots_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("MODELFOLD_CACHE_ROOT", str(tmp_path / "cache"))
+    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path / "cache"))
     result = CliRunner().invoke(app, ["sweep", "--preset", "quick", "--out",
                                       str(tmp_path / "out"), "--ratios", "0.5"])
     assert result.exit_code == 0, result.output

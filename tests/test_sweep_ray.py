@@ -10,12 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from experiments.fashion_mnist import load_fashion_mnist
+from experiments.sweep import FIELDS, _key, preset, read_rows, run_sweep, write_rows
+from experiments.train import checkpoint_path, train_classifier
 from modelfold.cli import app
-from modelfold.data import load_fashion_mnist
 from modelfold.errors import FoldError
-from modelfold.eval.sweep import FIELDS, _key, preset, read_rows, run_sweep, write_rows
 from modelfold.zoo import create_model
-from modelfold.zoo.train import checkpoint_path, train_classifier
 
 ray = pytest.importorskip("ray")
 
@@ -50,8 +50,7 @@ def plant_checkpoint(name: str, width: int, epochs: int) -> None:
 def test_ray_sweep_matches_serial_streams_rows_and_resumes(tmp_path, monkeypatch,
                                                           one_thread):
     # the workers see these through the runtime_env that run_sweep gives a local instance
-    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("MODELFOLD_CACHE_ROOT", str(tmp_path / "cache"))
+    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)  # a local instance with num_cpus=2
     cfg = dataclasses.replace(preset("quick"), ratios=[0.5], methods=METHODS)
     spec = cfg.models[0]

@@ -7,17 +7,42 @@ exit code 2 (see `modelfold.cli_support`).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from modelfold.cli_support import App, Group, fail
-from modelfold.eval.sweep import PRESETS
+from modelfold.cli_support import App, CliError, Group, fail
+
+
+def _experiments(module: str, what: str) -> ModuleType:
+    """`experiments.<module>` of the source checkout this modelfold runs from (`demo`, `sweep`
+    and the Fashion-MNIST data are experiments beside `src/`, not part of the package)."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "experiments" / "__init__.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(f"experiments.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("experiments", f"experiments.{module}"):
+            fail(f"{what} runs the experiments of a modelfold source checkout (experiments/ "
+                 "beside src/, installed with pip install -e '.[bench]'); clone the repository "
+                 "and run it there (make demo).")
+        fail(f"{what} needs the bench extra ({exc.name} is missing): "
+             "pip install 'modelfold[bench]'.")
+
+
+def _sweep_presets() -> list[str]:
+    try:
+        return list(_experiments("sweep", "modelfold sweep").PRESETS)
+    except CliError:  # no source checkout or no bench extra: `sweep` itself says why
+        return []
 
 app = App(
     cls=Group,
@@ -204,9 +229,8 @@ def load_calibration(source: str):
     import torch
 
     if source == "fashion-mnist":
-        from modelfold.data import load_fashion_mnist
-
-        images = load_fashion_mnist("train").tensors[0]
+        data = _experiments("fashion_mnist", "--calibration fashion-mnist")
+        images = data.load_fashion_mnist("train").tensors[0]
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:1024]
         return images[pick]
     path = Path(source)
@@ -378,14 +402,12 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Training epochs when no cached model exists.")]
     = 2,
     out: Annotated[Path, typer.Option(help="Where the table and plot go.")]
-    = Path("benchmarks/results"),
+    = Path("out/demo"),
 ) -> None:
     """Train (or load cached) ResNet18 on Fashion-MNIST, fold it at several ratios, report."""
     _check_positive("--width", width)
     _check_positive("--epochs", epochs)
-    from modelfold.demo import run_demo
-
-    run_demo(width=width, epochs=epochs, out_dir=out)
+    _experiments("demo", "modelfold demo").run_demo(width=width, epochs=epochs, out_dir=out)
 
 
 def _split(text: str | None) -> list[str]:
@@ -395,7 +417,7 @@ def _split(text: str | None) -> list[str]:
 @app.command()
 def sweep(
     preset: Annotated[str, typer.Option(
-        help=f"Preset: {', '.join(PRESETS)} (quick takes under 5 min).")] = "quick",
+        help=f"Preset: {', '.join(_sweep_presets())} (quick takes under 5 min).")] = "quick",
     out: Annotated[Path, typer.Option(help="Folder for CSV, markdown and PNG.")]
     = Path("benchmarks/results"),
     name: Annotated[str | None, typer.Option(help="File stem (default: sweep_<preset>).")]
@@ -414,17 +436,17 @@ def sweep(
     """Models x methods x ratios x seeds on Fashion-MNIST -> CSV, table, plots (resumable)."""
     import dataclasses
 
-    from modelfold.eval.sweep import METHODS, run_sweep
-
-    if preset not in PRESETS:
-        fail(f"--preset {preset!r} is unknown; presets: {', '.join(PRESETS)}.")
-    cfg = dataclasses.replace(PRESETS[preset])
+    experiment = _experiments("sweep", "modelfold sweep")
+    known_methods, presets = experiment.METHODS, experiment.PRESETS
+    if preset not in presets:
+        fail(f"--preset {preset!r} is unknown; presets: {', '.join(presets)}.")
+    cfg = dataclasses.replace(presets[preset])
     if methods:
         cfg.methods = _split(methods)
-        unknown = [m for m in cfg.methods if m not in METHODS]
+        unknown = [m for m in cfg.methods if m not in known_methods]
         if unknown:
             fail(f"--methods: unknown method(s) {', '.join(unknown)}; known: "
-                 f"{', '.join(METHODS)}.")
+                 f"{', '.join(known_methods)}.")
     try:
         if ratios:
             cfg.ratios = [float(r) for r in _split(ratios)]
@@ -437,8 +459,8 @@ def sweep(
         fail(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2.")
     for r in cfg.ratios:
         _check_ratio("--ratios", r)
-    run_sweep(cfg, out, name or f"sweep_{preset.replace('-', '_')}",
-              log=lambda line: console.print(line), ray=ray)
+    experiment.run_sweep(cfg, out, name or f"sweep_{preset.replace('-', '_')}",
+                         log=lambda line: console.print(line), ray=ray)
     console.print(f"[green]wrote[/] {out}")
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelfold._optional import require
 from modelfold.baselines.driver import compress, group_blocks
 from modelfold.baselines.magnitude import top_k
 from modelfold.graph import ChannelGroup
@@ -47,7 +48,8 @@ def intra_fusion(
 
 def intra_fusion_map(group: ChannelGroup, k: int, _score: torch.Tensor | None = None
                      ) -> ChannelMap:
-    import ot  # POT, the optimal-transport library the reference code uses
+    # POT, the optimal-transport library the reference code uses
+    ot = require("ot", "bench", "the Intra-Fusion baseline")
 
     blocks = group_blocks(group)
     weights = blocks.producer_weights + blocks.consumer_weights

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.cluster.hierarchy import cut_tree, linkage
 
 from modelfold.cluster.kmeans import canonical_labels
 
@@ -18,6 +17,8 @@ def ward(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(n, device=x.device)
     if k == 1:
         return torch.zeros(n, dtype=torch.long, device=x.device)
+    from scipy.cluster.hierarchy import cut_tree, linkage  # imported when used
+
     tree = linkage(x.detach().double().cpu().numpy(), method="ward")
     labels = cut_tree(tree, n_clusters=k).reshape(-1).astype(np.int64)
     return canonical_labels(torch.from_numpy(labels)).to(x.device)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from modelfold._optional import require
+
 __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
@@ -146,6 +148,7 @@ def imagenet_transform(path: str | Path, *, resize: int = 256, crop: int = 224,
     """The standard ImageNet evaluation transform of one image file: resize the short side to
     `resize` (bilinear, antialiased), centre-crop `crop` x `crop`, scale to [0, 1], normalise
     with `mean`/`std` (skipped when None). A float32 (3, crop, crop) tensor."""
+    require("PIL.Image", "data", "decoding image files")
     from PIL import Image, UnidentifiedImageError
 
     if crop > resize:

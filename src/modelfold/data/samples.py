@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from modelfold._optional import require
 from modelfold.data.images import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -70,6 +71,7 @@ def load_foolbox_cifar10(*, raw: bool = False, normalize: bool = False) -> Tenso
     """The 20 CIFAR-10 test images as float32 (20, 3, 32, 32) and int64 labels: pixels in
     [0, 1], or 0-255 when `raw` (the Keras CNN's input), or normalised with the CIFAR-10
     mean/std when `normalize`."""
+    require("PIL.Image", "data", "decoding the sample images")
     from PIL import Image
 
     if raw and normalize:

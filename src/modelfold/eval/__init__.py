@@ -1,1 +1,2 @@
-"""Evaluation: sweeps of methods x ratios x seeds, latency, tables and plots."""
+"""Evaluation helpers: latency, perplexity, zero-shot tasks, resources (the CNN sweep lives in
+the source checkout's `experiments/sweep.py`)."""

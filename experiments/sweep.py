@@ -239,7 +239,7 @@ def _log_line(spec: ModelSpec, row: dict) -> str:
 def _load_data(cfg: SweepConfig) -> tuple[torch.utils.data.TensorDataset, torch.Tensor,
                                           torch.Tensor]:
     """(test set in channels-last, calibration images, one example input) of a sweep."""
-    from modelfold.data import load_fashion_mnist
+    from experiments.fashion_mnist import load_fashion_mnist
 
     test = load_fashion_mnist("test")
     if cfg.test_samples is not None:
@@ -260,7 +260,7 @@ def _compress_cell(spec: ModelSpec, model: nn.Module, data: tuple, protocol: str
     `latencies` (layer shapes -> latency ratio) caches timings made in this process;
     `measured_latency` ((model, width, params, macs) -> ratio) holds earlier measurements.
     """
-    from modelfold.zoo.train import evaluate_accuracy
+    from experiments.train import evaluate_accuracy
 
     test, calibration, example = data
     row = _cell_row(spec, protocol, method, ratio, seed)
@@ -285,7 +285,7 @@ def _compress_cell(spec: ModelSpec, model: nn.Module, data: tuple, protocol: str
 
 def _run_serial(cfg: SweepConfig, rows: list[dict], done: set, measured_latency: dict,
                 csv_path: Path, log: Callable[[str], None]) -> None:
-    from modelfold.zoo.train import evaluate_accuracy, pretrained_fashion_mnist
+    from experiments.train import evaluate_accuracy, pretrained_fashion_mnist
 
     data = _load_data(cfg)
     test, _, example = data
@@ -322,8 +322,8 @@ def run_cell(spec: ModelSpec, protocol: str, method: str, ratio: float, seed: in
     reference (once per process and model) and returns {"row": the cell's CSV row, "dense":
     the model's dense row}.
     """
-    from modelfold.data import fashion_mnist
-    from modelfold.zoo.train import checkpoint_path, evaluate_accuracy, pretrained_fashion_mnist
+    from experiments import fashion_mnist
+    from experiments.train import checkpoint_path, evaluate_accuracy, pretrained_fashion_mnist
 
     ckpt = str(checkpoint_path(spec.name, width=spec.width, epochs=spec.epochs))
     data_key = ("data", str(fashion_mnist.resolve_root()), cfg.test_samples,
@@ -358,7 +358,7 @@ def _import_ray():
 
 def _run_ray(address: str, cfg: SweepConfig, rows: list[dict], done: set,
              measured_latency: dict, csv_path: Path, log: Callable[[str], None]) -> None:
-    from modelfold.zoo.train import pretrained_fashion_mnist
+    from experiments.train import pretrained_fashion_mnist
 
     ray = _import_ray()
     cells = [(spec, protocol, ratio, seed, method) for spec in cfg.models
@@ -373,9 +373,13 @@ def _run_ray(address: str, cfg: SweepConfig, rows: list[dict], done: set,
     if started:
         if address == "local":
             env = {k: v for k, v in os.environ.items() if k.startswith("MODELFOLD_")}
+            # workers import this module (`experiments` of the source checkout) by name
+            root = str(Path(__file__).resolve().parents[1])
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (root, os.environ.get("PYTHONPATH")) if p)
             ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False,
                      ignore_reinit_error=True, log_to_driver=False,
-                     runtime_env={"env_vars": env} if env else None)
+                     runtime_env={"env_vars": env})
         else:
             try:
                 ray.init(address=address)

@@ -1,5 +1,9 @@
 """Fashion-MNIST training recipe, evaluation and a cached "pretrained" model store.
 
+An experiment of the source checkout, not part of the installed package: users fold their own
+trained models. Checkpoints go to ``$MODELFOLD_CACHE/checkpoints`` (default
+``~/.cache/modelfold/checkpoints``).
+
 Recipe (the project's reference protocol): cross-entropy, SGD (Nesterov, momentum 0.9,
 weight decay on all parameters), ``OneCycleLR`` stepped per batch without momentum cycling,
 augmentation by zero-padding 2 px + random 32x32 crop and horizontal flip (p = 0.5),
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from modelfold.cache import CACHE_ENV_VAR, cache_subdir
 from modelfold.zoo import create_model
 
 __all__ = [
@@ -34,7 +39,6 @@ __all__ = [
     "train_classifier",
 ]
 
-CACHE_ENV_VAR = "MODELFOLD_CACHE"
 _PAD = 2
 
 
@@ -138,6 +142,7 @@ def train_classifier(
         task = bar.add_task(f"train {type(model).__name__}", total=epochs * steps_per_epoch)
 
     model.train()
+    begin = time.perf_counter()
     try:
         for epoch in range(epochs):
             perm = torch.randperm(n, generator=gen)
@@ -157,11 +162,11 @@ def train_classifier(
                     bar.advance(task)
             if bar is not None:
                 mean_loss = loss_sum.item() / steps_per_epoch
-                bar.update(
-                    task,
-                    description=f"train {type(model).__name__} "
-                    f"epoch {epoch + 1}/{epochs} loss {mean_loss:.3f}",
-                )
+                description = (f"train {type(model).__name__} "
+                               f"epoch {epoch + 1}/{epochs} loss {mean_loss:.3f}")
+                bar.update(task, description=description)
+                if not bar.console.is_terminal:  # no live bar in a log: one line per epoch
+                    bar.console.print(f"{description} ({time.perf_counter() - begin:.0f} s)")
     finally:
         if bar is not None:
             bar.stop()
@@ -208,19 +213,22 @@ def evaluate_accuracy(
 
 
 def default_cache_dir() -> Path:
-    """Checkpoint directory: ``$MODELFOLD_CACHE`` or ``~/.cache/modelfold/checkpoints``."""
-    env = os.environ.get(CACHE_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "modelfold" / "checkpoints"
+    """Checkpoint directory: ``$MODELFOLD_CACHE/checkpoints`` (``~/.cache/modelfold/...``)."""
+    return cache_subdir("checkpoints")
 
 
 def checkpoint_path(
-    name: str, *, width: int, epochs: int, seed: int = 0, cache_dir: str | Path | None = None
+    name: str, *, width: int, epochs: int, seed: int = 0, cache_dir: str | Path | None = None,
+    threads: int | None = None,
 ) -> Path:
-    """Path of the cached safetensors checkpoint for a Fashion-MNIST zoo model."""
+    """Path of the cached safetensors checkpoint for a Fashion-MNIST zoo model.
+
+    ``threads`` (a model trained with a pinned torch thread count) is part of the name: CPU
+    training is bit-reproducible only for a given thread count.
+    """
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return base / f"fashion_mnist-{name}-w{width}-e{epochs}-s{seed}.safetensors"
+    pinned = f"-t{threads}" if threads is not None else ""
+    return base / f"fashion_mnist-{name}-w{width}-e{epochs}-s{seed}{pinned}.safetensors"
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -245,31 +253,43 @@ def pretrained_fashion_mnist(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    threads: int | None = None,
 ) -> nn.Module:
     """Return zoo model ``name`` trained on Fashion-MNIST, from cache or trained now.
 
     On a cache miss: ``torch.manual_seed(seed)``, ``create_model(name, width=width)``, train
     with :func:`train_classifier` (on ``device``), save the weights as safetensors plus a
     JSON sidecar (test accuracy, training time), both written atomically. The returned model
-    is on CPU in eval mode and loaded from / identical to the cached weights.
+    is on CPU in eval mode and loaded from / identical to the cached weights. ``threads``
+    trains with that many torch threads (restored afterwards) and keys the checkpoint by it,
+    so the weights are the same bits on every run on the same machine.
     """
     from safetensors.torch import load_file, save_file
 
-    from modelfold.data import load_fashion_mnist
+    from experiments.fashion_mnist import load_fashion_mnist
 
-    path = checkpoint_path(name, width=width, epochs=epochs, seed=seed, cache_dir=cache_dir)
+    path = checkpoint_path(name, width=width, epochs=epochs, seed=seed, cache_dir=cache_dir,
+                           threads=threads)
     if path.is_file():
         model = create_model(name, width=width)
         model.load_state_dict(load_file(str(path)), strict=True)
         return model.eval()
 
-    torch.manual_seed(seed)
-    model = create_model(name, width=width)
-    train_set = load_fashion_mnist("train")
-    start = time.perf_counter()
-    train_classifier(model, train_set, epochs=epochs, seed=seed, device=device, progress=progress)
-    train_seconds = time.perf_counter() - start
-    accuracy = evaluate_accuracy(model, load_fashion_mnist("test"))
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        model = create_model(name, width=width)
+        train_set = load_fashion_mnist("train")
+        start = time.perf_counter()
+        train_classifier(model, train_set, epochs=epochs, seed=seed, device=device,
+                         progress=progress)
+        train_seconds = time.perf_counter() - start
+        num_threads = torch.get_num_threads()
+        accuracy = evaluate_accuracy(model, load_fashion_mnist("test"))
+    finally:
+        torch.set_num_threads(before)
     model.to("cpu").eval()
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +303,7 @@ def pretrained_fashion_mnist(
         "test_accuracy": accuracy,
         "train_seconds": round(train_seconds, 2),
         "device": str(device),
-        "num_threads": torch.get_num_threads(),
+        "num_threads": num_threads,
         "torch_version": torch.__version__,
         "recipe": {
             "batch_size": 256,
