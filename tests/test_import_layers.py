@@ -22,8 +22,8 @@ PACKAGE = "modelfold"
 SRC = Path(__file__).parent.parent / "src" / PACKAGE
 
 LAYERS: list[set[str]] = [
-    {"errors", "version", "record", "files", "registry"},  # foundation: errors, records, folder
-    # files, the name -> strategy registry
+    # foundation: errors, records, folder files, the name -> strategy registry, cache folders
+    {"errors", "version", "record", "files", "registry", "cache", "_optional"},
     {"data", "zoo"},  # datasets and model definitions
     {"graph"},  # channel groups and the per-layer rules they are made of
     {"cluster"},
@@ -35,7 +35,7 @@ LAYERS: list[set[str]] = [
     {"api", "summary"},
     {"baselines", "io"},  # compression baselines; save and load
     {""},  # the package root: its public API
-    {"cli", "cli_support", "eval", "demo"},  # applications
+    {"cli", "cli_support", "eval", "__main__"},  # applications
 ]
 
 # (importing module, imported part) -> why it must import upward, for lazy imports only.

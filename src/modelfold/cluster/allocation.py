@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-from scipy.cluster.hierarchy import linkage
 
 
 def distortion_curve(features: torch.Tensor) -> np.ndarray:
@@ -27,6 +26,8 @@ def distortion_curve(features: torch.Tensor) -> np.ndarray:
     if n == 1:
         return np.zeros(1)
     total = float(((x - x.mean(0)) ** 2).sum())
+    from scipy.cluster.hierarchy import linkage  # imported when used
+
     heights = linkage(x, method="ward")[:, 2]  # merge m takes n-m clusters to n-m-1
     added = np.cumsum(heights**2 / 2.0)  # SSE after m+1 merges = at n-m-1 clusters
     sse = np.concatenate([[0.0], added])[::-1]  # index k-1 -> SSE at k clusters
