@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 # file (relative to the root) -> number of ```python no-test blocks it may hold
 NO_TEST = {"docs/llm.md": 1}
 
-FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
+FENCE = re.compile(r"^( *)```([^\n`]*)\n(.*?)^\1```[ \t]*$", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 CODE_PATH = re.compile(r"`((?:benchmarks|docs|tests)/[^`\s*<>]+)`")
 ISSUE_REFS = [
@@ -45,7 +46,8 @@ def _rel(path: Path) -> str:
 
 def _blocks(path: Path) -> list[tuple[str, str]]:
     """(info string, code) of every fenced block."""
-    return [(m.group(1).strip(), m.group(2)) for m in FENCE.finditer(path.read_text())]
+    return [(m.group(2).strip(), textwrap.dedent(m.group(3)))
+            for m in FENCE.finditer(path.read_text())]
 
 
 def _python_blocks(path: Path) -> tuple[list[str], int]:
