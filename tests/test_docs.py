@@ -83,7 +83,7 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
     namespace: dict = {"__name__": f"docs_{path.stem}"}
     for i, code in enumerate(code_blocks, 1):
         try:
-            exec(compile(code, f"{_rel(path)}:block{i}", "exec"), namespace)  # noqa: S102
+            exec(compile(code, f"{_rel(path)}:block{i}", "exec"), namespace)
         except Exception as exc:
             raise AssertionError(f"python block {i} of {_rel(path)} failed:\n{code}") from exc
 
