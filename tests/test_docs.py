@@ -8,8 +8,9 @@
   that fails, or a new no-test block nobody accounted for, fails this test.
 * The README stays a short user guide: at most `README_MAX_LINES` lines.
 * No issue-tracker references ("issue #12", "Issue 7", "#12") and no internal notes.
-* Every relative link (markdown links and images) points to a file of this repository, and
-  so does every `benchmarks/...`, `docs/...` or `tests/...` path quoted in backticks.
+* Every relative link (markdown links and images) points to a file of this repository (and
+  to a heading of it, for `file.md#anchor` links), and so does every `benchmarks/...`,
+  `docs/...` or `tests/...` path quoted in backticks.
 * Every `modelfold COMMAND --option` and `make TARGET` line of a ```bash block names a command,
   option or target that exists.
 """
@@ -111,6 +112,15 @@ def test_no_issue_references_or_outside_files(path):
         assert word not in text, f"{_rel(path)} mentions {word}"
 
 
+def _anchors(path: Path) -> set[str]:
+    """GitHub's ids of the headings of a markdown file (outside code blocks)."""
+    text = FENCE.sub("", path.read_text())
+    ids = set()
+    for title in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, re.MULTILINE):
+        ids.add(re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-"))
+    return ids
+
+
 @pytest.mark.parametrize("path", DOC_FILES, ids=_rel)
 def test_relative_links_exist(path):
     text = path.read_text()
@@ -118,8 +128,10 @@ def test_relative_links_exist(path):
                if not re.match(r"^[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
     bad = []
     for target in targets:
-        file = (path.parent / target.split("#")[0]).resolve()
-        if not file.exists() or ROOT not in file.parents:
+        name, _, anchor = target.partition("#")
+        file = (path.parent / name).resolve()
+        missing = not file.exists() or ROOT not in file.parents
+        if missing or (anchor and file.suffix == ".md" and anchor not in _anchors(file)):
             bad.append(target)
     for quoted in CODE_PATH.findall(text):
         if not (ROOT / quoted.rstrip(".,:;")).exists():
