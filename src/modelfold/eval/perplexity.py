@@ -1,6 +1,6 @@
 """Perplexity of causal LMs over non-overlapping windows of a token stream.
 
-Protocol (as in `shared/reference/anchor_llm.md`): the text is tokenized as one stream without
+Protocol: the text is tokenized as one stream without
 special tokens, cut into non-overlapping windows of `seq_len` tokens from token 0 (the trailing
 remainder is dropped); each window is scored on its own from position 0 (no BOS, no cache), and
 perplexity = exp(total NLL / predicted tokens), i.e. `seq_len - 1` predictions per window.
