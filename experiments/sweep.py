@@ -543,7 +543,7 @@ PRESETS: dict[str, SweepConfig] = {
                  "sp-l1-r", "sp-l2-r", "ifm", "inn", "neuron-merging", "intra-fusion"],
         ratios=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], seeds=[0, 1, 2],
         protocols=["whole", "last-two-blocks"], test_samples=5000, latency_runs=5),
-    # issue 9: data-free variants beyond the paper next to the paper's folds, ~51 % / ~75 %
+    # data-free variants beyond the paper next to the paper's folds, ~51 % / ~75 %
     "beyond-cnn": SweepConfig(
         models=[ModelSpec("resnet18", 32, 2), ModelSpec("vgg11_bn", 32, 5)],
         methods=["fold-naive", "fold-r", "fold-dir", "fold-naive-h", "fold-dir-h",

@@ -6,7 +6,7 @@
 - "wanda-sp" (data-driven, Wanda's structured variant as in FLAP's `wanda_sp`): a channel scores
   sum_i |W_down[i, j]| * ||X_j||, X = the input of `down_proj` over calibration tokens; a head
   sums the same score over its `o_proj` input columns. Statistics come from one forward pass of
-  the dense model (one-shot, as in `anchor_llm.md`).
+  the dense model (one-shot).
 - "flap" (data-driven; An et al., "Fluctuation-based Adaptive Structured Pruning for LLMs",
   AAAI 2024): a channel scores its fluctuation Var(X_j) * ||W_down[:, j]||^2; scores are
   standardised per layer and part and ranked *globally* (adaptive per-layer widths, FLAP's

@@ -6,7 +6,7 @@ writing a residual stream) have the largest L1 or L2 norm; attention head groups
 with the largest q/k/v block norms. The other channels are removed with Torch-Pruning, exactly
 as folding removes its non-representative channels, so both produce real smaller models with
 the same group structure. The reference code instead *masked* filters per layer (including the
-classifier's class rows), which makes its numbers incomparable (see anchor_fmnist.md).
+classifier's class rows), which makes its numbers incomparable with ours.
 """
 
 from __future__ import annotations
