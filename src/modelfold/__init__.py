@@ -1,13 +1,13 @@
 """modelfold: compress trained PyTorch models by folding (cluster -> merge -> repair).
 
-Public API: `fold`, `save`, `load`, `register_factory`, `summary`, `FoldConfig` (graph path),
+Public API: `fold`, `save`, `load`, `export_gguf`, `register_factory`, `summary`, `FoldConfig` (graph path),
 `LLMFoldConfig` (Hugging Face causal LMs), `register_pipeline`, `FoldError`.
 """
 
 from modelfold.api import fold
 from modelfold.config import FoldConfig, register_pipeline
 from modelfold.errors import FoldError
-from modelfold.io import load, register_factory, save
+from modelfold.io import export_gguf, load, register_factory, save
 from modelfold.llm.config import LLMFoldConfig
 from modelfold.summary import FoldSummary, summary
 from modelfold.version import __version__
@@ -18,6 +18,7 @@ __all__ = [
            "FoldSummary",
            "LLMFoldConfig",
            "__version__",
+           "export_gguf",
            "fold",
            "load",
            "register_factory",
