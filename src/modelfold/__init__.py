@@ -1,7 +1,8 @@
 """modelfold: compress trained PyTorch models by folding (cluster -> merge -> repair).
 
-Public API: `fold`, `save`, `load`, `export_gguf`, `register_factory`, `summary`, `FoldConfig` (graph path),
-`LLMFoldConfig` (Hugging Face causal LMs), `register_pipeline`, `FoldError`.
+Public API: `fold`, `save`, `load`, `export_gguf`, `register_factory`, `summary`,
+`FoldConfig` (graph path), `LLMFoldConfig` (Hugging Face causal LMs), `register_pipeline`,
+`FoldError`.
 """
 
 from modelfold.api import fold

@@ -1,5 +1,5 @@
-"""Command line: `modelfold fold`, `fold-llm`, `eval-ppl`, `eval-zero-shot`, `summary`, `sweep`,
-`demo`.
+"""Command line: `modelfold fold`, `fold-llm`, `export-gguf`, `eval-ppl`, `eval-zero-shot`,
+`summary`, `sweep`, `demo`.
 
 Options are checked before any model is loaded; every failure ends in one line on stderr and
 exit code 2 (see `modelfold.cli_support`).
@@ -649,6 +649,28 @@ def _check_windows(windows: str) -> list[str]:
         if name not in ("head", "tail", "mid") or not count.isdigit() or int(count) < 1:
             fail(f"--windows {spec!r}: use all, head:N, tail:N or mid:N (N >= 1).")
     return specs
+
+
+@app.command("export-gguf")
+def export_gguf_command(
+    model_dir: Annotated[Path, typer.Argument(
+        help="Folder written by `modelfold fold-llm` / `mf.save`, or a Hugging Face folder.")],
+    out: Annotated[Path, typer.Argument(help="GGUF file to write.")],
+    outtype: Annotated[str, typer.Option(help="Tensor type: f16, bf16, f32 or q8_0.")] = "f16",
+    trust_factory: TrustFactory = False,
+) -> None:
+    """Write a (folded) Llama model and its tokenizer as a GGUF file for llama.cpp."""
+    import modelfold as mf
+    from modelfold.io.gguf import DTYPES
+
+    if outtype not in DTYPES:
+        fail(f"--outtype {outtype!r}: choose one of {', '.join(DTYPES)}.")
+    check_llm_folder(model_dir, "export-gguf")
+    model, tokenizer = load_llm(model_dir, trust_factory)
+    if tokenizer is None:
+        fail(f"no tokenizer in {model_dir}; GGUF files carry the vocabulary.")
+    path = mf.export_gguf(model, tokenizer, out, dtype=outtype)
+    console.print(f"wrote {path} ({outtype}, {path.stat().st_size / 2**20:.1f} MiB)")
 
 
 @app.command("eval-ppl")

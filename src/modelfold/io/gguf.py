@@ -24,10 +24,12 @@ from modelfold.errors import FoldError
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 # convert_hf_to_gguf.py: get_vocab_base_pre hashes the token ids of this text.
-_CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis '
-           'concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 '
-           'កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български '
-           '\'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? '
+_CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ '
+           '(multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 '
+           '33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
+           '------======= нещо на Български '
+           '\'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
+           '\'RE you sure? '
            '\'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
 _PRE_BY_HASH = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
@@ -286,6 +288,7 @@ def _encode(tensor: torch.Tensor, dtype: str):
     qtype = {"bf16": gguf.GGMLQuantizationType.BF16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
     if dtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        qtype = gguf.GGMLQuantizationType.F16  # row not a whole number of blocks: converter's fallback
+        # a row that is not a whole number of blocks: the converter falls back to f16
+        qtype = gguf.GGMLQuantizationType.F16
         return data.numpy().astype(np.float16), qtype
     return gguf.quants.quantize(data.numpy(), qtype), qtype
