@@ -250,11 +250,13 @@ def test_real_smollm2_logits_match_llama_cpp(smollm2, tmp_path, kind):
     ids = tok.encode("The history of the city begins in the Roman period, when a small")
     with torch.no_grad():
         ours = folded(torch.tensor([ids])).logits[0].float().numpy()
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, verbose=False, seed=0)
+    # f32 KV cache (GGML type 0): llama.cpp's default f16 cache alone costs ~1e-2 relative here
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, verbose=False, seed=0,
+                          type_k=0, type_v=0)
     llm.eval(ids)
     theirs = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
     err = float(np.abs(theirs - ours).max())
     rel = err / float(np.abs(ours).max())
     print(f"{kind}: llama.cpp vs modelfold logits max abs {err:.3e}, rel {rel:.3e}")
     assert rel < 1e-3, (err, rel)
-    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.95
