@@ -343,6 +343,13 @@ CASES = [
         t / "o"], ("config.json",)),
     Case("fold-llm:full-disk", lambda t, f: ["fold-llm", f["hf"], "--ratio", "0.2", "--out",
                                              t / "o"], ("No space left",), patch=full_disk_hf),
+    # export-gguf
+    Case("export-gguf:bad-outtype", lambda t, f: [
+        "export-gguf", t / ABSENT, t / "out.gguf", "--outtype", "q4"], ("--outtype", "q4")),
+    Case("export-gguf:missing-folder", lambda t, f: [
+        "export-gguf", t / ABSENT, t / "out.gguf"], (ABSENT,)),
+    Case("export-gguf:cnn-folder", lambda t, f: ["export-gguf", f["cnn"], t / "out.gguf"],
+         ("export-gguf",)),
     # eval-ppl: likewise
     Case("eval-ppl:missing-tokenizer", lambda t, f: [
         "eval-ppl", t / ABSENT, "--tokenizer", "/nope"], ("--tokenizer", "/nope")),
