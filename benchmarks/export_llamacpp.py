@@ -17,8 +17,10 @@ keep the llama.cpp runs short. For the dense model and each self-calibrated fold
   the first, so prompt processing is not counted);
 * modelfold's perplexity of the fp32 PyTorch model on the same windows (the f16 row).
 
-Rows go to benchmarks/results/export_smollm2.csv and .md after every file (GGUF files live in
-a temporary folder, or --keep DIR).
+Rows go to benchmarks/results/export_smollm2.csv and .md after every file (resumable: models
+already there are skipped; GGUF files live in a temporary folder, or --keep DIR).
+`--round-to 32` rounds the folds' MLP widths so that llama.cpp can quantize every ffn_down
+(Q8_0 needs rows of a multiple of 32; unrounded widths such as 999 stay f16 in every file).
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ def main() -> None:
     parser.add_argument("--targets", default="0.1,0.2,0.3",
                         help="comma-separated target sparsities of the self-calibrated folds")
     parser.add_argument("--windows", type=int, default=10, help="last N 512-token windows")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="round the folds' kept MLP widths to multiples of this (llama.cpp's "
+                             "Q8_0 needs rows of a multiple of 32, the k-quants of 256)")
     parser.add_argument("--keep", default=None, help="folder for the GGUF files (default: tmp)")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -130,25 +135,36 @@ def main() -> None:
     total = sum(p.numel() for p in model.parameters())
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    path = RESULTS / f"{STEM}.csv"  # resumable: rows already there are kept and skipped
+    rows = list(csv.DictReader(path.read_text().splitlines())) if path.is_file() else []
+    done = {(r["model"], r["target"]) for r in rows}
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mf-export-"))
     work.mkdir(parents=True, exist_ok=True)
     start_all = time.perf_counter()
     for target in [0.0] + [float(t) for t in args.targets.split(",") if t]:
         start = time.perf_counter()
         if target == 0.0:
-            name, compressed = "dense", model
+            name = "dense"
         else:
-            name = "fold-self-calibrated"
-            compressed = mf.fold(model, target_sparsity=target, self_calibrate=True)
+            name = "fold-self-calibrated" + (f" round_to={args.round_to}"
+                                             if args.round_to > 1 else "")
+        if (name, f"{target}") in done:
+            continue
+        if target == 0.0:
+            compressed = model
+        else:
+            config = mf.LLMFoldConfig(target_sparsity=target, self_calibrate=True,
+                                      round_to=args.round_to)
+            compressed = mf.fold(model, config=config)
         sparsity = 1 - sum(p.numel() for p in compressed.parameters()) / total
         ppl_ours = perplexity(compressed, windows, batch_size=2)
-        f16 = mf.export_gguf(compressed, tok, work / f"{name}-{target}-f16.gguf", dtype="f16")
+        stem = f"{name.replace(' ', '_')}-{target}"
+        f16 = mf.export_gguf(compressed, tok, work / f"{stem}-f16.gguf", dtype="f16")
         print(f"{name} {target}: fold+ppl+export {time.perf_counter() - start:.1f} s, "
               f"modelfold ppl {ppl_ours:.3f}", flush=True)
         files = {"F16": f16}
         for ftype in ("Q8_0", "Q4_K_M"):
-            files[ftype] = quantize(f16, work / f"{name}-{target}-{ftype.lower()}.gguf", ftype)
+            files[ftype] = quantize(f16, work / f"{stem}-{ftype.lower()}.gguf", ftype)
         for ftype, path in files.items():
             t0 = time.perf_counter()
             ppl = llamacpp_perplexity(path, windows)
