@@ -196,7 +196,9 @@ def write(rows: list[dict]) -> None:
              "| model | target sparsity | achieved sparsity | file type | size MB "
              "| ppl llama.cpp | ppl modelfold (f32) | tokens/s |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    order = {"F16": 0, "Q8_0": 1, "Q4_K_M": 2}
+    for r in sorted(rows, key=lambda r: (r["model"] != "dense", r["model"], float(r["target"]),
+                                         order.get(r["file_type"], 3))):
         ours = f"{float(r['ppl_modelfold_f32']):.3f}" if r["ppl_modelfold_f32"] else "-"
         lines.append(f"| {r['model']} | {float(r['target']):.0%} | {float(r['sparsity']):.2%} | "
                      f"{r['file_type']} | {r['size_mb']} | {float(r['ppl_llamacpp']):.3f} | "
