@@ -9,7 +9,8 @@
 #   make bench-real  data-free folding on real pretrained models (MobileNetV2, Keras CNN, MiniLM)
 #   make bench-export  SmolLM2-135M folds exported to GGUF (f16, Q8_0, Q4_K_M) and run in llama.cpp
 #               (builds llama-cpp-python 0.3.36 from the sdist once: ~14 min on 2 cores, then cached)
-#   make bench-speed  k-means vs scikit-learn, inference speed, 1.6 B streaming fold (GPU: minutes; CPU: hours)
+#   make bench-speed  k-means vs scikit-learn, inference speed, 1.6 B streaming fold (GPU: minutes; CPU: hours),
+#                     streamed vs in-memory self-calibrated SmolLM2 fold
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 # experiments/ (demo, training recipe, Fashion-MNIST, sweep) sits beside src/, not in the package
@@ -84,6 +85,8 @@ bench-speed: install
 	$(PY) benchmarks/inference_speed.py --what cnn
 	$(PY) benchmarks/inference_speed.py --what smollm2
 	$(PY) benchmarks/llm_streaming.py
+	$(PY) -m pip install -q --no-deps exllamav2==0.3.2
+	$(RUN) benchmarks/llm_streaming.py --size smollm2 --self-calibrate --in-memory --device cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -325,9 +325,9 @@ CASES = [
          ("--recipe", "llama-70b", "llama-7b-paper")),
     Case("fold-llm:recipe-not-json", lambda t, f: [
         "fold-llm", t / ABSENT, "--recipe", "{mlp: 1", "--out", t / "o"], ("--recipe", "JSON")),
-    Case("fold-llm:stream-with-repair", lambda t, f: [
-        "fold-llm", t / ABSENT, "--ratio", "0.2", "--stream", "--repair", "self_generated",
-        "--out", t / "o"], ("--stream", "--repair")),
+    Case("fold-llm:stream-into-itself", lambda t, f: [
+        "fold-llm", t / ABSENT, "--ratio", "0.2", "--stream", "--out", t / ABSENT],
+         ("--out", "--stream")),
     Case("fold-llm:unknown-clusterer", lambda t, f: [
         "fold-llm", t / ABSENT, "--ratio", "0.2", "--clusterer", "magic", "--out", t / "o"],
          ("--clusterer", "magic")),
@@ -572,9 +572,10 @@ def test_summary_prints_macs_before_and_after(folders):
      "--device 'gpu9' is not a valid torch device."),
     ("fold-llm", "allocation='inertia' spreads MLP channels only; fold parts=('mlp',).",
      "--allocation 'inertia' spreads MLP channels only; fold --parts mlp."),
-    ("fold-llm", "fold_checkpoint: allocation='inertia' reads every layer before folding; load "
-     "the model and use modelfold.fold instead.", "--stream: --allocation 'inertia' reads every "
-     "layer before folding; drop --stream."),
+    ("fold-llm", "fold_checkpoint: model.layers.0.mlp.up_proj.weight is not in the "
+     "checkpoint; this layer layout is not supported for streaming. Load the model and use "
+     "modelfold.fold instead.", "--stream: model.layers.0.mlp.up_proj.weight is not in the "
+     "checkpoint; this layer layout is not supported for streaming; drop --stream."),
     ("eval-zero-shot", "unknown lm-eval tasks ['x'] (add their YAML folder with "
      "`include_path=`).", "unknown lm-eval tasks ['x'] (add their YAML folder with "
      "--include-path)."),

@@ -208,6 +208,65 @@ def test_recipe_gives_per_layer_shapes_and_mf_load_restores_them(tmp_path):
         mf.fold(model, recipe={"mlp": {9: 0.5}})
 
 
+@pytest.mark.parametrize("recipe, expected", [
+    ({"mlp": {"1-2": 0.5}}, True),  # per-layer MLP widths: DeciLM layout
+    ({"mlp": {1: 0.5}, "attention": {3: 0.5}}, False),  # query heads differ between layers
+    ({"mlp": {"0-3": 0.5}}, False),  # uniform: the plain Llama config says it all
+])
+def test_per_layer_folds_write_decilm_block_configs(tmp_path, recipe, expected):
+    """Per-layer folds also describe their layers the way vLLM's DeciLMForCausalLM builds them
+    (KV heads = num_attention_heads // n_heads_in_group, MLP width = intermediate_size); the
+    shapes it would build match the saved weights."""
+    import json
+
+    from safetensors import safe_open
+
+    folded = mf.fold(tiny(num_hidden_layers=4, heads=4, kv=2), recipe=recipe)
+    out = mf.save(folded, tmp_path / "folded")
+    config = json.loads((out / "config.json").read_text())
+    assert ("block_configs" in config) == expected
+    if not expected:
+        return
+    head_dim = config["head_dim"]
+    with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as fh:
+        for i, block in enumerate(config["block_configs"]):
+            kv = config["num_attention_heads"] // block["attention"]["n_heads_in_group"]
+            width = block["ffn"]["intermediate_size"]
+            prefix = f"model.layers.{i}."
+            assert fh.get_slice(prefix + "self_attn.k_proj.weight").get_shape()[0] == kv * head_dim
+            assert fh.get_slice(prefix + "mlp.up_proj.weight").get_shape()[0] == width
+            assert fh.get_slice(prefix + "mlp.down_proj.weight").get_shape()[1] == width
+            assert not block["attention"]["no_op"] and not block["ffn"]["no_op"]
+    assert [b["ffn"]["intermediate_size"] for b in config["block_configs"]] == [96, 48, 48, 96]
+    assert mf.load(out) is not None  # the extra key does not disturb modelfold.load
+
+
+def test_uniform_fold_loads_in_a_process_that_never_imports_modelfold(tmp_path):
+    """A user without modelfold installed: plain transformers loads the folder and computes the
+    folded model's logits."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    folded = mf.fold(tiny(num_hidden_layers=3), ratio=0.3, parts=("mlp", "attention"))
+    out = mf.save(folded, tmp_path / "hf")
+    script = (
+        "import sys, torch, transformers\n"
+        "from safetensors.torch import save_file\n"
+        f"model = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()\n"
+        f"ids = torch.tensor({IDS.tolist()!r})\n"
+        "with torch.no_grad():\n"
+        "    logits = model(ids).logits.float().contiguous()\n"
+        f"save_file({{'logits': logits}}, {str(tmp_path / 'logits.safetensors')!r})\n"
+        "assert not any(m == 'modelfold' or m.startswith('modelfold.') for m in sys.modules)\n")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    got = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    torch.testing.assert_close(got, logits(folded), atol=1e-6, rtol=1e-6)
+
+
 def test_uniform_fold_loads_with_plain_from_pretrained(tmp_path):
     model = tiny("qwen2", heads=8, kv=2)
     folded = mf.fold(model, ratio=0.3, parts=("mlp", "attention"))

@@ -1,4 +1,4 @@
-"""Self-calibrated LLM folding (issue 10): clusterer="activation", allocation="sensitivity",
+"""Self-calibrated LLM folding: clusterer="activation", allocation="sensitivity",
 repair="self_generated", all on text the model generates itself."""
 
 from __future__ import annotations
@@ -189,8 +189,9 @@ def test_self_calibrated_options_refuse_what_they_cannot_do(tmp_path):
         mf.fold(make_model("resnet18"), torch.randn(1, 3, 32, 32),
                 config=mf.FoldConfig(ratio=0.3, clusterer="activation"))
     model.save_pretrained(tmp_path / "src")
-    with pytest.raises(mf.FoldError, match="clusterer='activation'"):
-        fold_checkpoint(tmp_path / "src", tmp_path / "out",
+    with pytest.raises(mf.FoldError, match="folds MLP channels"):  # streamed: same check
+        fold_checkpoint(tmp_path / "src", tmp_path / "out", parts=("mlp", "attention"),
                         config=mf.LLMFoldConfig(ratio=0.5, clusterer="activation"))
+    assert not (tmp_path / "out").exists()
     with pytest.raises(mf.FoldError, match="unknown"):
         mf.FoldConfig(ratio=0.5, clusterer="activations")

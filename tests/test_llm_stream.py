@@ -65,3 +65,61 @@ def test_cli_stream_option(sharded, tmp_path):
                                       "--ratio", "0.3", "--stream"])
     assert result.exit_code == 0, result.output
     assert torch.equal(logits(mf.load(tmp_path / "o")), logits(mf.fold(model, ratio=0.3)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("options", [
+    {"target_sparsity": 0.15, "self_calibrate": True},
+    {"ratio": 0.3, "allocation": "inertia"},
+    {"ratio": 0.3, "repair": "self_generated", "parts": ("mlp", "attention")},
+])
+def test_streamed_calibrated_fold_equals_in_memory_fold(tmp_path, monkeypatch, arch, options):
+    """Folds that run the model (self-generated text, sensitivity allocation, refit) or read
+    every layer (inertia allocation) stream too: the same model as folding in memory, with
+    never more than one decoder layer holding weights."""
+    from modelfold.llm import stream
+
+    model = tiny(arch, num_hidden_layers=4, bos_token_id=1)  # generation starts at the BOS
+    model.save_pretrained(tmp_path / "src", max_shard_size="60KB", safe_serialization=True)
+    loaded_at_once: list[int] = []
+    original_load = stream._StreamedLayers._load
+
+    def counting_load(self, i):
+        loaded = original_load(self, i)
+        loaded_at_once.append(sum(any(t.device.type != "meta" for t in layer.parameters())
+                                  for layer in self.modules))
+        return loaded
+
+    monkeypatch.setattr(stream._StreamedLayers, "_load", counting_load)
+    config = mf.LLMFoldConfig(seed=0, **options)
+    record = fold_checkpoint(tmp_path / "src", tmp_path / "out", config=config)
+    expected = mf.fold(model, None, config)
+    assert torch.equal(logits(mf.load(tmp_path / "out")), logits(expected))
+    assert record["params_after"] == sum(p.numel() for p in expected.parameters())
+    assert record["settings"]["streamed"] is True
+    assert loaded_at_once and max(loaded_at_once) == 1
+
+
+def test_streamed_self_calibration_generates_the_models_own_text(tmp_path):
+    """The text generated with the layers streamed is the text the loaded model generates."""
+    from modelfold.llm.architectures import architecture_of
+    from modelfold.llm.fold import LLMFoldContext
+    from modelfold.llm.stream import (
+        _runnable_skeleton,
+        _ShardReader,
+        _StreamedLayers,
+        checkpoint_index,
+    )
+
+    model = tiny("llama", num_hidden_layers=3)
+    model.save_pretrained(tmp_path / "src", max_shard_size="60KB", safe_serialization=True)
+    config = mf.LLMFoldConfig(ratio=0.2, self_calibrate=True, seed=3)
+    reader = _ShardReader(tmp_path / "src", checkpoint_index(tmp_path / "src"))
+    skeleton = _runnable_skeleton(tmp_path / "src", model.config, reader, None)
+    layers = _StreamedLayers(skeleton, architecture_of(skeleton), reader, None)
+    with layers.loaded_on_call():
+        streamed = LLMFoldContext(skeleton, config).tokens
+    reader.close()
+    assert all(p.device.type == "meta" for p in skeleton.model.layers.parameters())
+    assert torch.equal(streamed, LLMFoldContext(model, config).tokens)
+    assert streamed.unique().numel() > 20  # real sampled text, not one repeated token

@@ -577,7 +577,8 @@ def fold_llm_command(
         help="The data-free recipe that survives on small LLMs: --clusterer activation "
              "--allocation sensitivity --repair self_generated.")] = False,
     stream: Annotated[bool, typer.Option(
-        help="Fold layer by layer from the safetensors shards (bounded memory).")] = False,
+        help="Fold layer by layer from the safetensors shards (bounded memory; with "
+             "--self-calibrated the text is generated with the layers streamed too).")] = False,
     device: Annotated[str | None, typer.Option(help="Where to fold, e.g. cuda.")] = None,
     trust_factory: TrustFactory = False,
 ) -> None:
@@ -611,14 +612,9 @@ def fold_llm_command(
                            allocation=allocation, repair=repair,
                            **({} if seed is None else {"seed": seed}))
     _check_device(device)
-    if stream:
-        if repair != "none" or clusterer == "activation" or allocation != "uniform":
-            fail("--stream folds one layer at a time from the shards: it takes neither --repair, "
-                 "--self-calibrated, --clusterer activation nor an --allocation other than "
-                 "uniform; drop --stream for them.")
-        if model_dir.resolve() == out.resolve():
-            fail("--out must differ from the model folder: --stream reads its shards while "
-                 "writing the folded ones.")
+    if stream and model_dir.resolve() == out.resolve():
+        fail("--out must differ from the model folder: --stream reads its shards while "
+             "writing the folded ones.")
     check_llm_folder(model_dir, "fold-llm")
     if stream:
         from modelfold.llm.stream import fold_checkpoint

@@ -56,9 +56,7 @@ _PHRASES: list[tuple[str, str]] = [
     (r"modelfold\.load will build it only where it is registered "
      r"\(@modelfold\.register_factory\) or with trust_factory=True",
      "commands that load it will need --trust-factory"),
-    (r"; load the model and use modelfold\.fold instead", "; drop --stream"),
     (r"\. Load the model and use modelfold\.fold instead", "; drop --stream"),
-    (r" \(it cannot be used with fold_checkpoint's streaming\)", " (not with --stream)"),
     (r"^fold_checkpoint: ", "--stream: "),
     (r"parts=\('mlp',\)", "--parts mlp"),
     (r"^(LLM)?FoldConfig: ", ""),

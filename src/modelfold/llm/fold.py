@@ -25,8 +25,10 @@ clusterers (the weight clusterers of `modelfold.cluster` plus `register_llm_clus
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -67,11 +69,17 @@ class LayerShape:
 
 class LLMFoldContext:
     """What LLM strategies read: the model, its architecture, the config and, computed once on
-    first use, text the original model generates itself."""
+    first use, text the original model generates itself.
 
-    def __init__(self, model: nn.Module, config: LLMFoldConfig) -> None:
+    `resident(i)` is a context manager in which decoder layer i holds its weights: a no-op for
+    a loaded model; `fold_checkpoint` passes one that reads the layer from the checkpoint, so
+    strategies that read every layer's weights run with one layer in memory at a time."""
+
+    def __init__(self, model: nn.Module, config: LLMFoldConfig,
+                 resident: Callable[[int], AbstractContextManager] | None = None) -> None:
         self.model, self.config = model, config
         self.arch = architecture_of(model)
+        self.resident = resident or (lambda _index: contextlib.nullcontext())
         self._tokens: torch.Tensor | None = None
 
     @property
@@ -99,13 +107,7 @@ def fold_llm(
         raise FoldError(f"{calibrated_options(config)} compare(s) the folded layers with "
                         "the original ones; it cannot fold in place.")
     context = LLMFoldContext(model, config)
-    if self_calibrated(config):
-        context.tokens  # noqa: B018 - the original's own text, before anything is folded
-    if config.clusterer in LLM_CLUSTERERS:
-        selector = LLM_CLUSTERERS.get(config.clusterer).fn(context)
-    else:
-        selector = fold_selector_from_config(config)
-    selector = LLM_REPAIRS.get(config.repair).fn(context, selector)
+    selector = selector_from_context(context)
     allocation = partial(LLM_ALLOCATIONS.get(config.allocation).fn, context)
     return transform_llm(model, selector, ratio=config.ratio,
                          target_sparsity=config.target_sparsity, parts=config.parts,
@@ -113,6 +115,19 @@ def fold_llm(
                          inplace=inplace, device=device, method="fold",
                          settings=config.to_dict(), round_to=config.round_to,
                          allocation=allocation)
+
+
+def selector_from_context(context: LLMFoldContext):
+    """The selector (clusterer, then repair) that `context.config` names. Self-calibrated
+    options generate the original model's text first, before anything is folded."""
+    config = context.config
+    if self_calibrated(config):
+        context.tokens  # noqa: B018
+    if config.clusterer in LLM_CLUSTERERS:
+        selector = LLM_CLUSTERERS.get(config.clusterer).fn(context)
+    else:
+        selector = fold_selector_from_config(config)
+    return LLM_REPAIRS.get(config.repair).fn(context, selector)
 
 
 @register_pipeline(LLMFoldConfig)
@@ -170,17 +185,20 @@ def _uniform_allocation(context: LLMFoldContext, plan: LayerPlan) -> LayerPlan:
 
 @register_llm_allocation("inertia")
 def _inertia_allocation(context: LLMFoldContext, plan: LayerPlan) -> LayerPlan:
-    return allocate_mlp(context.model, context.arch, plan, context.config.round_to)
+    return allocate_mlp(context.model, context.arch, plan, context.config.round_to,
+                        resident=context.resident)
 
 
 @register_llm_allocation("sensitivity", needs_text=True)
 def _sensitivity_allocation(context: LLMFoldContext, plan: LayerPlan) -> LayerPlan:
     return protect_sensitive_layers(context.model, context.arch, context.tokens,
-                                    context.config.round_to, plan)
+                                    context.config.round_to, plan, resident=context.resident)
 
 
 def protect_sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor,
-                             round_to: int, plan: LayerPlan) -> LayerPlan:
+                             round_to: int, plan: LayerPlan, *,
+                             resident: Callable[[int], AbstractContextManager] | None = None
+                             ) -> LayerPlan:
     """`allocation="sensitivity"`: `plan` with its most sensitive MLPs kept whole and their
     channels taken from the other layers (`modelfold.llm.repair.sensitive_layers`)."""
     from modelfold.llm.repair import protect, sensitive_layers
@@ -191,7 +209,8 @@ def protect_sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens
     kept = [s.intermediate_size for s in plan.new_shapes]
     widths = [s.intermediate_size for s in plan.shapes]
     # a quarter of the text (512 tokens by default): it only has to single out outlier layers
-    protected = sensitive_layers(model, arch, tokens[: max(1, tokens.shape[0] // 4)], kept)
+    protected = sensitive_layers(model, arch, tokens[: max(1, tokens.shape[0] // 4)], kept,
+                                 resident=resident)
     return with_mlp_widths(model, arch, plan, dict(enumerate(
         protect(kept, widths, protected, round_to))))
 
@@ -295,7 +314,8 @@ def plan_layers(model: nn.Module, arch: DecoderArchitecture, *, ratio: float | N
 
 
 def allocate_mlp(model: nn.Module, arch: DecoderArchitecture, plan: LayerPlan,
-                 round_to: int = 1) -> LayerPlan:
+                 round_to: int = 1, *,
+                 resident: Callable[[int], AbstractContextManager] | None = None) -> LayerPlan:
     """`allocation="inertia"` for LLMs: the parameter count of `plan`, with the MLP widths of
     the layers chosen by their Ward clustering-distortion curves on [gate | up | down^T]
     (`modelfold.cluster.allocation`): layers whose channels are redundant fold harder."""
@@ -304,14 +324,17 @@ def allocate_mlp(model: nn.Module, arch: DecoderArchitecture, plan: LayerPlan,
     if any(plan.ratios.get("attention", {}).values()):
         raise FoldError("allocation='inertia' spreads MLP channels only; fold parts=('mlp',).")
     layers = arch.layers(model)
+    resident = resident or (lambda _index: contextlib.nullcontext())
     curves, costs = {}, {}
     for i, layer in enumerate(layers):
-        gate, up, down = arch.mlp_linears(layer)
-        if gate.weight.device.type == "meta":
-            raise FoldError("allocation='inertia' reads the MLP weights: load the model (it "
-                            "cannot be used with fold_checkpoint's streaming).")
-        features = torch.cat([gate.weight.float(), up.weight.float(), down.weight.float().T], 1)
-        curves[i] = distortion_curve(features)
+        with resident(i):
+            gate, up, down = arch.mlp_linears(layer)
+            if gate.weight.device.type == "meta":
+                raise FoldError("allocation='inertia' reads the MLP weights, but layer "
+                                f"{i} has none (a meta-device model).")
+            features = torch.cat([gate.weight.float(), up.weight.float(),
+                                  down.weight.float().T], 1)
+            curves[i] = distortion_curve(features)
         costs[i] = features.shape[1] / plan.params_before  # parameters per channel (no bias)
 
     def count(ks: dict[int, int]) -> int:
@@ -588,6 +611,24 @@ def set_config_shapes(model: nn.Module, new: list[LayerShape]) -> None:
         cfg.modelfold_layers = [s.__dict__ for s in new]
     elif hasattr(cfg, "modelfold_layers"):
         del cfg.modelfold_layers
+    blocks = block_configs(new) if _non_uniform(new) else None
+    if blocks is not None:
+        cfg.block_configs = blocks
+    elif hasattr(cfg, "block_configs"):
+        del cfg.block_configs
+
+
+def block_configs(shapes: list[LayerShape]) -> list[dict] | None:
+    """Per-layer shapes in the DeciLM / Nemotron-NAS `block_configs` layout (what vLLM's
+    `DeciLMForCausalLM` reads: one query-head count for the model, per-layer KV groups and MLP
+    widths); None when the query-head count differs between layers, which that layout cannot
+    express."""
+    if len({s.num_attention_heads for s in shapes}) != 1:
+        return None
+    return [{"attention": {"no_op": False, "replace_with_linear": False,
+                           "n_heads_in_group": s.num_attention_heads // s.num_key_value_heads},
+             "ffn": {"no_op": False, "replace_with_linear": False,
+                     "intermediate_size": s.intermediate_size}} for s in shapes]
 
 
 def _non_uniform(shapes: list[LayerShape]) -> bool:

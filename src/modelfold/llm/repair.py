@@ -31,6 +31,10 @@ output of the layers already folded, and per SwiGLU MLP:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import torch
 from torch import nn
 
@@ -125,6 +129,12 @@ class LayerStepper:
             self.hidden = self._run(layer)
         self._mlp_only = None
         self.index += 1
+
+    def advance_past(self, index: int) -> None:
+        """Run the layers up to and including `index` now (as they are now): afterwards they
+        are no longer needed, e.g. their weights may be dropped."""
+        while self.index <= index:
+            self._advance()
 
     def mlp_input(self, index: int, layer: nn.Module | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,8 +248,8 @@ def layer_activations(stepper: LayerStepper, index: int, layer: nn.Module,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, z, output, weights) of `layer`'s MLP on the stepper's tokens (fp32): its input, its
     SwiGLU activations, its output and the token weights 1 / ||residual + output||."""
-    gate, up, down = (m.weight.float() for m in arch.mlp_linears(layer))
     x, residual = stepper.mlp_input(index, layer)
+    gate, up, down = (m.weight.float() for m in arch.mlp_linears(layer))
     x = x.to(gate.device, torch.float32)
     z = swiglu(x, gate, up, _activation_fn(layer, arch))
     out = z @ down.T
@@ -287,26 +297,36 @@ def activation_fold(gram: torch.Tensor, down: torch.Tensor, k: int,
 
 @torch.no_grad()
 def sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor,
-                     kept: list[int], factor: float = PROTECT_FACTOR) -> list[int]:
+                     kept: list[int], factor: float = PROTECT_FACTOR, *,
+                     resident: Callable[[int], AbstractContextManager] | None = None
+                     ) -> list[int]:
     """Layers whose relative MLP output error at the planned kept counts (activation centres
-    only, no merge) exceeds `factor` x the median over the layers being folded."""
+    only, no merge) exceeds `factor` x the median over the layers being folded. `resident(i)`
+    holds layer i's weights while it is measured (see `LLMFoldContext`)."""
+    resident = resident or (lambda _index: contextlib.nullcontext())
     stepper = LayerStepper(model, arch, tokens)
     errors: dict[int, float] = {}
     for i, layer in enumerate(arch.layers(model)):
-        gate, _, down_proj = arch.mlp_linears(layer)
-        if kept[i] >= gate.out_features:
-            continue
-        _, z, _, weights = layer_activations(stepper, i, layer, arch)
-        zw = z * weights[:, None]
-        down = down_proj.weight.float()
-        dropped = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
-        dropped[torch.topk(centre_scores(zw.pow(2).sum(0), down), kept[i]).indices] = False
-        error = zw[:, dropped] @ down[:, dropped].T  # per-token error / ||h_t||
-        errors[i] = float(error.pow(2).sum(1).mean())
+        with resident(i):
+            if kept[i] < arch.mlp_linears(layer)[0].out_features:
+                errors[i] = _centre_only_error(stepper, i, layer, arch, kept[i])
+            stepper.advance_past(i)
     if len(errors) < 3:
         return []
     median = float(torch.tensor(list(errors.values())).median())
     return [i for i, e in errors.items() if e > factor * median]
+
+
+def _centre_only_error(stepper: LayerStepper, index: int, layer: nn.Module,
+                       arch: DecoderArchitecture, kept: int) -> float:
+    """Mean relative output error of `layer`'s MLP when only its `kept` centres stay."""
+    _, z, _, weights = layer_activations(stepper, index, layer, arch)
+    zw = z * weights[:, None]
+    down = arch.mlp_linears(layer)[2].weight.float()
+    dropped = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
+    dropped[torch.topk(centre_scores(zw.pow(2).sum(0), down), kept).indices] = False
+    error = zw[:, dropped] @ down[:, dropped].T  # per-token error / ||h_t||
+    return float(error.pow(2).sum(1).mean())
 
 
 def protect(kept: list[int], widths: list[int], protected: list[int], round_to: int = 1

@@ -8,9 +8,17 @@ shard and drops it. The other tensors (embeddings, final norm, untied head) are 
 one at a time into one shard. Peak memory is therefore about one decoder layer plus the largest
 non-layer tensor group, whatever the model size (`benchmarks/llm_streaming.py` measures it).
 
+Folds that run the model (the self-calibrated recipe: self-generated text, activation
+clustering, sensitivity allocation, refit) or read every layer first (inertia allocation) stream
+too. The model is then built with real embeddings, norm, head and rotary tables and meta decoder
+layers; a layer's weights are read in only while it runs: during generation of the calibration
+text every layer call reads the layer and drops it after, and the calibration passes keep the
+hidden states of the text, one layer at a time. The result equals the in-memory fold exactly.
+
 The output folder is what `modelfold.save` writes for an in-memory fold: config (uniform shapes
-in the config, per-layer ones in `modelfold_layers`), a `model.safetensors.index.json`, the
-tokenizer files of `src`, and `modelfold.json` with per-layer shapes and per-shard SHA-256, so
+in the config, per-layer ones in `modelfold_layers` and `block_configs`), a
+`model.safetensors.index.json`, the tokenizer files of `src`, and `modelfold.json` with
+per-layer shapes and per-shard SHA-256, so
 `modelfold.load(out)` (any shapes) or `AutoModelForCausalLM.from_pretrained(out)` (uniform
 shapes) loads it, with outputs identical to folding the loaded model in memory. Written
 atomically: an interrupted run leaves no partial folder.
@@ -19,6 +27,7 @@ atomically: an interrupted run leaves no partial folder.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import json
 import os
@@ -34,11 +43,11 @@ from modelfold.config import FoldConfig, resolve_config
 from modelfold.errors import FoldError
 from modelfold.files import atomic_folder, write_hf_manifest
 from modelfold.llm.architectures import architecture_of, saved_dtype
-from modelfold.llm.config import LLMFoldConfig
+from modelfold.llm.config import LLM_ALLOCATIONS, LLMFoldConfig
 from modelfold.llm.fold import (
-    calibrated_options,
-    fold_selector_from_config,
+    LLMFoldContext,
     plan_layers,
+    selector_from_context,
     self_calibrated,
     set_config_shapes,
     shrink_layer,
@@ -123,48 +132,46 @@ def fold_checkpoint(
         config = LLMFoldConfig.from_fold_config(config)
     config = resolve_config(LLMFoldConfig, config, ratio=ratio, target_sparsity=target_sparsity,
                             recipe=recipe, seed=seed, parts=parts)
-    if config.repair != "none" or self_calibrated(config):
-        options = calibrated_options(config) or f"repair={config.repair!r}"
-        raise FoldError(f"fold_checkpoint: {options} run(s) the whole model; load the model "
-                        "and use modelfold.fold instead.")
-    if config.allocation != "uniform":
-        raise FoldError(f"fold_checkpoint: allocation={config.allocation!r} reads every "
-                        "layer before folding; load the model and use modelfold.fold instead.")
     index = checkpoint_index(src)
     hf_config = AutoConfig.from_pretrained(src)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=saved_dtype(hf_config))
-    arch = architecture_of(skeleton)
-    plan = plan_layers(skeleton, arch, ratio=config.ratio,
-                       target_sparsity=config.target_sparsity, parts=config.parts,
-                       recipe=config.recipe, tolerance=config.sparsity_tolerance,
-                       round_to=config.round_to)
-    selector = fold_selector_from_config(config)
-    layers = arch.layers(skeleton)
     reader = _ShardReader(src, index)
     weight_map: dict[str, str] = {}
     sizes = [0, 0]  # elements, bytes written
     try:
+        reads_weights = config.allocation != "uniform" or config.repair != "none"
+        if self_calibrated(config) or reads_weights:
+            skeleton = _runnable_skeleton(src, hf_config, reader, device)
+        else:
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(hf_config,
+                                                            dtype=saved_dtype(hf_config))
+        arch = architecture_of(skeleton)
+        layers = _StreamedLayers(skeleton, arch, reader, device)
+        context = LLMFoldContext(skeleton, config, resident=layers.resident)
+        if self_calibrated(config):
+            with layers.loaded_on_call():  # generation runs the whole model, layer by layer
+                context.tokens  # noqa: B018
+        selector = selector_from_context(context)
+        plan = plan_layers(skeleton, arch, ratio=config.ratio,
+                           target_sparsity=config.target_sparsity, parts=config.parts,
+                           recipe=config.recipe, tolerance=config.sparsity_tolerance,
+                           round_to=config.round_to)
+        plan = LLM_ALLOCATIONS.get(config.allocation).fn(context, plan)
+        stepper = getattr(selector, "stepper", None)  # calibrated: hidden states layer by layer
         with atomic_folder(out) as tmp:
-            for i, layer in enumerate(layers):
+            for i, layer in enumerate(layers.modules):
                 prefix = f"{arch.layers_path}.{i}."
-                names = [n for n in index if n.startswith(prefix)]
-                state = {n[len(prefix):]: reader.get(n) for n in names}
-                layer.load_state_dict(state, strict=True, assign=True)
-                del state
-                _check_materialised(layer, prefix)
-                if device is not None:
-                    layer.to(device)
-                with torch.no_grad():
-                    shrink_layer(arch, layer, i, selector, plan.shapes[i], plan.new_shapes[i],
-                                 device)
-                tensors = {prefix + k: v.detach().to("cpu").contiguous()
-                           for k, v in layer.state_dict().items()}
-                shard = f"model-layer-{i:05d}.safetensors"
-                _write_shard(tmp / shard, tensors, weight_map, sizes)
-                del tensors
-                layers[i] = layer.to("meta")  # drop the weights
-                release_freed_memory()
+                with layers.resident(i):
+                    with torch.no_grad():
+                        shrink_layer(arch, layer, i, selector, plan.shapes[i],
+                                     plan.new_shapes[i], device)
+                        if stepper is not None:
+                            stepper.advance_past(i)
+                    tensors = {prefix + k: v.detach().to("cpu").contiguous()
+                               for k, v in layer.state_dict().items()}
+                    shard = f"model-layer-{i:05d}.safetensors"
+                    _write_shard(tmp / shard, tensors, weight_map, sizes)
+                    del tensors
             rest = [n for n in index if not n.startswith(f"{arch.layers_path}.")]
             _write_shard(tmp / "model-rest.safetensors",
                          {n: reader.get(n).contiguous() for n in rest}, weight_map, sizes)
@@ -185,6 +192,119 @@ def fold_checkpoint(
     finally:
         reader.close()
     return record
+
+
+class _StreamedLayers:
+    """The decoder layers of a skeleton whose weights live in the checkpoint: `resident(i)`
+    reads layer i's tensors in (unless it already holds them) and drops them afterwards;
+    `loaded_on_call()` does the same around every call of a layer (for generation)."""
+
+    def __init__(self, model: torch.nn.Module, arch, reader: _ShardReader,
+                 device: str | torch.device | None) -> None:
+        self.arch, self.reader, self.device = arch, reader, device
+        self.modules = arch.layers(model)
+
+    def _load(self, i: int) -> bool:
+        layer = self.modules[i]
+        if not any(t.device.type == "meta" for t in layer.parameters()):
+            return False
+        prefix = f"{self.arch.layers_path}.{i}."
+        state = {n[len(prefix):]: self.reader.get(n) for n in self.reader.index
+                 if n.startswith(prefix)}
+        layer.load_state_dict(state, strict=True, assign=True)
+        del state
+        _check_materialised(layer, prefix)
+        if self.device is not None:
+            layer.to(self.device)
+        return True
+
+    def _drop(self, i: int, trim: bool = True) -> None:
+        self.modules[i].to("meta")
+        if trim:
+            release_freed_memory()
+
+    @contextlib.contextmanager
+    def resident(self, i: int):
+        loaded = self._load(i)
+        try:
+            yield self.modules[i]
+        finally:
+            if loaded:
+                self._drop(i)
+
+    @contextlib.contextmanager
+    def loaded_on_call(self):
+        handles = []
+        for i, layer in enumerate(self.modules):
+            def before(_module, _args, i=i):
+                layer_loaded[i] = self._load(i)
+
+            def after(_module, _args, _out, i=i):
+                if layer_loaded.pop(i, False):
+                    # no trim per call: the next layer reuses the freed pages right away
+                    self._drop(i, trim=False)
+
+            handles += [layer.register_forward_pre_hook(before),
+                        layer.register_forward_hook(after)]
+        layer_loaded: dict[int, bool] = {}
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            release_freed_memory()
+
+
+def _runnable_skeleton(src: Path, hf_config: Any, reader: _ShardReader,
+                       device: str | torch.device | None) -> torch.nn.Module:
+    """The model of `src` with real embeddings, final norm, head and rotary tables (read from
+    the checkpoint, or computed by the model's own constructor) and decoder layers on the meta
+    device: a model that runs once each layer is read in."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    dtype = saved_dtype(hf_config)
+    outer_config = copy.deepcopy(hf_config)
+    outer_config.num_hidden_layers = 0  # everything but the decoder layers, built for real
+    if isinstance(getattr(outer_config, "layer_types", None), list):
+        outer_config.layer_types = []
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(outer_config, dtype=dtype)
+        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    arch = architecture_of(skeleton)
+    layer_prefix = f"{arch.layers_path}."
+    rest = {n: reader.get(n) for n in reader.index if not n.startswith(layer_prefix)}
+    _, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    del rest
+    if unexpected:
+        raise FoldError(f"fold_checkpoint: {src} holds tensors the model does not have: "
+                        f"{unexpected[:5]}.")
+    model.tie_weights()
+    absent = [n for n, t in model.named_parameters() if t.device.type == "meta"]
+    if absent:
+        raise FoldError(f"fold_checkpoint: {absent[:5]} are not in the checkpoint {src}.")
+    # buffers that are not in the checkpoint (rotary tables): from the model's own constructor,
+    # run on a copy with a one-token vocabulary so that no real embedding is allocated
+    tiny_config = copy.deepcopy(outer_config)
+    tiny_config.vocab_size, tiny_config.pad_token_id = 1, None
+    tiny = AutoModelForCausalLM.from_config(tiny_config, dtype=dtype)
+    computed = dict(tiny.named_buffers())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.device.type == "meta":
+            if name not in computed:
+                raise FoldError(f"fold_checkpoint: buffer {name} is neither in {src} nor "
+                                "computed by the model's constructor.")
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = computed[name]
+    if device is not None:
+        model.to(device)
+    parent, _, name = arch.layers_path.rpartition(".")
+    setattr(model.get_submodule(parent), name, arch.layers(skeleton))
+    for module in model.modules():  # the full config from now on (layer count, layer types)
+        if getattr(module, "config", None) is outer_config:
+            module.config = skeleton.config
+    if (src / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(src)
+    return model.eval()
 
 
 def release_freed_memory() -> None:
