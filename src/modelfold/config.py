@@ -22,7 +22,8 @@ from modelfold.errors import FoldError
 from modelfold.repair import correlation_names, repair_names
 from modelfold.repair.deep_inversion import DeepInversionConfig
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 1  # fields added with a default (target_macs) keep older configs readable
+BUDGET_RATIOS = ("ratio", "target_sparsity", "target_macs")  # budget fields in [0, 1)
 
 
 class PipelineConfig:
@@ -55,7 +56,7 @@ class PipelineConfig:
         name = type(self).__name__
         if sum(getattr(self, f) is not None for f in self.budget_fields) != 1:
             raise FoldError(f"{name}: give exactly one of {_either(self.budget_fields)}.")
-        for f in ("ratio", "target_sparsity"):
+        for f in BUDGET_RATIOS:
             if getattr(self, f, None) is not None:
                 check_ratio(getattr(self, f), f)
         for f, names in self.choices().items():
@@ -124,6 +125,10 @@ class FoldConfig(PipelineConfig):
             k = max(1, round(n * (1 - ratio))) (the paper's semantics).
         target_sparsity: fraction of the model's parameters to remove instead of a fixed ratio;
             the ratio reaching it within `sparsity_tolerance` is searched for.
+        target_macs: fraction of the model's multiply-accumulates to remove, counted on the
+            example input (`modelfold.macs.count_macs`: convolutions, matrix products and
+            attention); solved like `target_sparsity`, and the folded model is counted again
+            to check it. Exactly one of `ratio`, `target_sparsity` and `target_macs` is given.
         module_ratios: per-module overrides, module name (as in `named_modules`) -> ratio. A group
             takes the override of its root module (the first producer in the group).
         clusterer: a registered clusterer (`modelfold.cluster.register_clusterer`): "kmeans"
@@ -136,13 +141,15 @@ class FoldConfig(PipelineConfig):
             so large tensors do not dominate the distance.
         allocation: a registered allocation (`modelfold.budget.register_allocation`):
             "uniform" (every group loses the same fraction: the paper) or "inertia" (same
-            parameter count as the uniform ratio / target, spread over the groups by their Ward
-            clustering-distortion curves: redundant groups fold harder).
+            parameter count, or MAC count under `target_macs`, as the uniform ratio / target,
+            spread over the groups by their Ward clustering-distortion curves: redundant groups
+            fold harder). An allocation registered for parameters only refuses `target_macs`.
         round_to: kept channel counts are rounded to a multiple of this (1 = the paper's exact
             k; 8 or 64 let GPU kernels run at full speed on the folded shapes).
         n_init, max_iter, tol: k-means restarts, Lloyd iterations and relative-shift tolerance.
         seed: seed of the clustering (the result is deterministic for a given seed).
-        sparsity_tolerance: allowed gap between achieved and target parameter sparsity.
+        sparsity_tolerance: allowed gap between the achieved and the target reduction
+            (parameters for `target_sparsity`, MACs for `target_macs`).
         repair: a registered repair (`modelfold.repair.register_repair`): "none" (Fold-Naive),
             "data" (Fold-R, needs `calibration`), "approx" (Fold-AR, data-free),
             "deep_inversion" (Fold-DIR) or "deep_inversion_debiased" (Fold-DIR corrected by the
@@ -163,9 +170,11 @@ class FoldConfig(PipelineConfig):
     """
 
     applies_to: ClassVar[str] = "the graph-based path (FoldConfig)"
+    budget_fields: ClassVar[tuple[str, ...]] = ("ratio", "target_sparsity", "target_macs")
 
     ratio: float | None = None
     target_sparsity: float | None = None
+    target_macs: float | None = None
     module_ratios: dict[str, float] = field(default_factory=dict)
     clusterer: str = "kmeans"
     features: str = "full"
@@ -264,11 +273,10 @@ def resolve_config(cls: type[PipelineConfig], config: PipelineConfig | None,
             raise FoldError(f"`{key}` does not apply to {cls.applies_to}{where}.")
     budget = [k for k in cls.budget_fields if k in given]
     if len(budget) > 1:
-        fields = cls.budget_fields
-        raise FoldError(f"give either {_either(fields)}, not both." if len(fields) == 2
-                        else f"give exactly one of {_either(fields)}.")
+        given_names = " and ".join(f"`{k}`" for k in budget)
+        raise FoldError(f"give exactly one of {_either(cls.budget_fields)} (got {given_names}).")
     for key in budget:
-        if key in ("ratio", "target_sparsity"):
+        if key in BUDGET_RATIOS:
             check_ratio(given[key], key)
     data = config.to_dict() if config is not None else {}
     if budget:
