@@ -72,10 +72,12 @@ def test_count_macs_matches_hand_counts(case):
 
 
 def test_counting_leaves_the_model_as_it_was():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout()).train()
+    model[2].eval()  # modes of submodules are restored one by one
     stats = model[1].running_mean.clone()
     assert count_macs(model, x16) == 14 * 14 * 4 * 3 * 9
-    assert model.training and torch.equal(model[1].running_mean, stats)
+    assert model.training and model[1].training and not model[2].training
+    assert torch.equal(model[1].running_mean, stats)
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
 
 

@@ -62,7 +62,8 @@ def profile_macs(model: nn.Module, example_inputs: Any) -> MacProfile:
 
     mapping = {op: _raw(formula, select, operands_counted)
                for op, (formula, select) in _formulas().items()}
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
+
     def enter(name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
             stack.append(name)
@@ -83,7 +84,8 @@ def profile_macs(model: nn.Module, example_inputs: Any) -> MacProfile:
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return profile
 
 
