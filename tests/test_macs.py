@@ -20,6 +20,7 @@ from modelfold.budget import (
 )
 from modelfold.graph import discover_groups
 from modelfold.macs import count_macs, profile_macs
+from modelfold.merge.apply import memory_bytes, predicted_memory
 from modelfold.summary import summary
 
 
@@ -145,21 +146,21 @@ def test_target_macs_folds_attention_heads(example):
 def test_inertia_spends_macs_not_parameters(small):
     """The MAC budget is met, and the parameter reduction is not what decides it."""
     model = make_model("resnet18")
-    by_macs = mf.fold(model, small, mf.FoldConfig(target_macs=0.5, allocation="inertia",
-                                                    n_init=1))
-    by_params = mf.fold(model, small, mf.FoldConfig(target_sparsity=0.5,
-                                                      allocation="inertia", n_init=1))
-    assert abs(achieved(model, by_macs, small) - 0.5) <= 0.01
-    assert abs(achieved(model, by_params, small) - 0.5) > 0.01
+    discovery = discover_groups(model, small)
+    macs = budget_cost(model, discovery, mf.FoldConfig(target_macs=0.5), small)
+    for budget, hits in (({"target_macs": 0.5}, True), ({"target_sparsity": 0.5}, False)):
+        config = mf.FoldConfig(allocation="inertia", **budget)
+        _, ks = cluster_counts(model, discovery, config, example_inputs=small)
+        assert (abs(1 - macs.count(ks) / macs.total - 0.5) <= 0.01) == hits
 
 
-def test_target_macs_zero_is_the_identity(small):
-    model = make_model("resnet18")
-    folded = mf.fold(model, small, target_macs=0.0)
-    assert count_macs(folded, small) == count_macs(model, small)
+def test_target_macs_zero_is_the_identity(example):
+    model = make_model("lenet5")
+    folded = mf.fold(model, example, target_macs=0.0)
+    assert count_macs(folded, example) == count_macs(model, example)
     assert sum(p.numel() for p in folded.parameters()) == sum(
         p.numel() for p in model.parameters())
-    torch.testing.assert_close(folded(small), model(small))
+    torch.testing.assert_close(folded(example), model(example))
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), "0.3", True])
@@ -260,14 +261,60 @@ def test_cli_fold_with_target_macs(tmp_path):
 
     from modelfold.cli import app
 
-    model = make_model("resnet18")
+    model = make_model("lenet5")
     mf.save(model, tmp_path / "dense")
-    result = CliRunner().invoke(app, ["fold", str(tmp_path / "dense"), "--target-macs", "0.3",
-                                      "--input-shape", "1,3,32,32", "--out",
-                                      str(tmp_path / "folded")])
+    result = CliRunner().invoke(app, ["fold", str(tmp_path / "dense"), "--target-macs", "0.2",
+                                      "--out", str(tmp_path / "folded")])
     assert result.exit_code == 0, result.output
     assert "MACs" in result.output
     folded = mf.load(tmp_path / "folded")
-    assert folded._modelfold_record.config["target_macs"] == 0.3
+    assert folded._modelfold_record.config["target_macs"] == 0.2
     x = torch.zeros(1, 3, 32, 32)
-    assert abs(achieved(model, folded, x) - 0.3) <= 0.01
+    assert abs(achieved(model, folded, x) - 0.2) <= 0.01
+
+
+# ---------------------------------------------------------------- target_memory
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "inertia"])
+def test_target_memory_caps_parameter_and_buffer_bytes(small, allocation):
+    model = make_model("resnet18")
+    cap = int(memory_bytes(model) * 0.6)
+    folded = mf.fold(model, small, mf.FoldConfig(target_memory=cap, allocation=allocation,
+                                                 n_init=1))
+    after = memory_bytes(folded)
+    assert cap * 0.97 <= after <= cap
+    assert folded._modelfold_record.extra == {"memory_before": memory_bytes(model),
+                                              "memory_after": after}
+
+
+def test_target_memory_predicted_from_shapes(example):
+    model = make_model("vit_tiny")  # attention heads, LayerNorm, no buffers to shrink
+    discovery = discover_groups(model, example)
+    config = mf.FoldConfig(ratio=0.5)
+    predicted = predicted_memory(model, discovery, uniform_clusters(discovery, config, 0.5))
+    assert predicted == memory_bytes(mf.fold(model, example, config))
+
+
+def test_target_memory_the_model_fits_already_is_the_identity(example):
+    model = make_model("lenet5")
+    folded = mf.fold(model, example, target_memory=memory_bytes(model))
+    assert memory_bytes(folded) == memory_bytes(model)
+
+
+@pytest.mark.parametrize("value", [0, -5, 1.5, True, "100"])
+def test_bad_target_memory_names_the_parameter(example, value):
+    with pytest.raises(mf.FoldError, match="target_memory"):
+        mf.FoldConfig(target_memory=value)
+    with pytest.raises(mf.FoldError, match="target_memory"):
+        mf.fold(make_model("lenet5"), example, target_memory=value)
+
+
+def test_target_memory_errors(example):
+    model = make_model("lenet5")
+    with pytest.raises(mf.FoldError, match="target_memory=10 is unreachable"):
+        mf.fold(model, example, target_memory=10)
+    with pytest.raises(mf.FoldError, match=r"target_macs.*target_memory"):
+        mf.fold(model, example, target_macs=0.2, target_memory=1000)
+    config = mf.FoldConfig(target_memory=123_456)
+    assert mf.FoldConfig.from_json(config.to_json()) == config

@@ -24,12 +24,16 @@ from modelfold.cluster.features import group_features
 from modelfold.errors import FoldError
 from modelfold.graph import GroupDiscovery
 from modelfold.macs import profile_macs
-from modelfold.merge.apply import predicted_mac_count, predicted_parameter_count
+from modelfold.merge.apply import (
+    predicted_mac_count,
+    predicted_memory,
+    predicted_parameter_count,
+)
 from modelfold.registry import Registry
 
 Allocation = Callable[..., dict[str, int]]
 ALLOCATIONS: Registry[Allocation] = Registry("allocation")
-UNITS = ("parameters", "MACs")
+UNITS = ("parameters", "MACs", "bytes")
 _ALLOCATION_UNITS: dict[str, tuple[str, ...]] = {}  # allocation name -> budgets it can spend
 
 
@@ -37,15 +41,16 @@ def register_allocation(name: str, *, units: tuple[str, ...] = ("parameters",)
                         ) -> Callable[[Allocation], Allocation]:
     """Decorator registering `fn(model, discovery, config, ratio) -> {group: k}` (graph path).
 
-    `units` are the budgets `fn` can spend: "parameters" (target_sparsity, ratio) and "MACs"
-    (target_macs). An allocation listing "MACs" is called with the keyword `cost` (a
-    `BudgetCost`: `cost.count(ks)` is the folded model's amount in `cost.unit`) and must keep
-    `cost.count` of its answer at or under that of the uniform `ratio`; one that does not list
-    it is refused for a MAC budget instead of silently optimising parameters."""
+    `units` are the budgets `fn` can spend: "parameters" (target_sparsity, ratio), "MACs"
+    (target_macs) and "bytes" (target_memory). An allocation listing more than "parameters" is
+    called with the keyword `cost` (a `BudgetCost`: `cost.count(ks)` is the folded model's
+    amount in `cost.unit`) and must keep `cost.count` of its answer at or under that of the
+    uniform `ratio`; a budget in a unit it does not list is refused instead of silently
+    optimising parameters."""
     unknown = [u for u in units if u not in UNITS]
     if unknown or "parameters" not in units:
         raise FoldError(f"register_allocation({name!r}): `units` must include 'parameters' and "
-                        f"may add 'MACs', got {units!r}.")
+                        f"may add 'MACs' and 'bytes', got {units!r}.")
     add = ALLOCATIONS.register(name)
 
     def register(fn: Allocation) -> Allocation:
@@ -87,10 +92,17 @@ def mac_cost(model: nn.Module, discovery: GroupDiscovery, example_inputs: Any) -
                       profile.total)
 
 
+def memory_cost(model: nn.Module, discovery: GroupDiscovery) -> BudgetCost:
+    """Bytes of the folded model's parameters and buffers, from shapes alone
+    (`modelfold.merge.apply.predicted_memory`)."""
+    return BudgetCost("bytes", lambda ks: predicted_memory(model, discovery, ks),
+                      predicted_memory(model, discovery, {}))
+
+
 def budget_target(config: Any) -> tuple[str, float | None]:
-    """(budget field, target) of a config: ("target_macs", 0.3), ("target_sparsity", 0.5) or
-    ("ratio", None) when the config gives a fixed ratio."""
-    for name in ("target_macs", "target_sparsity"):
+    """(budget field, target) of a config: ("target_macs", 0.3), ("target_sparsity", 0.5),
+    ("target_memory", bytes) or ("ratio", None) when the config gives a fixed ratio."""
+    for name in ("target_memory", "target_macs", "target_sparsity"):
         if getattr(config, name, None) is not None:
             return name, float(getattr(config, name))
     return "ratio", None
@@ -177,10 +189,39 @@ def solve_ratio(discovery: GroupDiscovery, config: Any, cost: BudgetCost, target
     return ratio
 
 
+def solve_cap(discovery: GroupDiscovery, config: Any, cost: BudgetCost, cap: int,
+              name: str = "target_memory") -> float:
+    """The smallest uniform ratio whose folded amount is at most `cap` (bisection: the amount
+    falls as the ratio grows); 0 when the model fits already."""
+    def amount(r: float) -> int:
+        return cost.count(uniform_clusters(discovery, config, r))
+
+    if cost.total <= cap:
+        return 0.0
+    hi = 1.0 - 1e-12  # at hi every group keeps one channel
+    least = amount(hi)
+    if least > cap:
+        raise FoldError(
+            f"{name}={cap:,} is unreachable: folding every group to one channel leaves "
+            f"{least:,} {cost.unit} (of {cost.total:,}; groups writing the network output and "
+            "ignored modules are never folded)."
+        )
+    lo = 0.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if amount(mid) <= cap:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def budget_cost(model: nn.Module, discovery: GroupDiscovery, config: Any,
                 example_inputs: Any = None) -> BudgetCost:
     """The unit the config's budget is in: MACs for `target_macs` (counted on
-    `example_inputs`), parameters otherwise."""
+    `example_inputs`), bytes for `target_memory`, parameters otherwise."""
+    if getattr(config, "target_memory", None) is not None:
+        return memory_cost(model, discovery)
     if getattr(config, "target_macs", None) is not None:
         if example_inputs is None:
             raise FoldError("target_macs needs the example input the MACs are counted on.")
@@ -189,11 +230,12 @@ def budget_cost(model: nn.Module, discovery: GroupDiscovery, config: Any,
 
 
 def cluster_counts(model: nn.Module, discovery: GroupDiscovery, config: Any,
-                   params_before: int | None = None, example_inputs: Any = None,
-                   cost: BudgetCost | None = None) -> tuple[float, dict[str, int]]:
-    """(base ratio, k per foldable group): the ratio solved from `target_sparsity` /
-    `target_macs` when the config gives one, the budget spread over the groups by the
-    config's allocation in the budget's unit (`cost`, by default `budget_cost`)."""
+                   example_inputs: Any = None, cost: BudgetCost | None = None
+                   ) -> tuple[float, dict[str, int]]:
+    """(base ratio, k per foldable group): the ratio solved from `target_sparsity`,
+    `target_macs` or `target_memory` when the config gives one, the budget spread over the
+    groups by the config's allocation in the budget's unit (`cost`, by default
+    `budget_cost`)."""
     allocation = ALLOCATIONS.get(config.allocation)
     cost = cost or budget_cost(model, discovery, config, example_inputs)
     name, target = budget_target(config)
@@ -203,11 +245,16 @@ def cluster_counts(model: nn.Module, discovery: GroupDiscovery, config: Any,
         raise FoldError(f"allocation={config.allocation!r} spends a budget of "
                         f"{' or '.join(units)} only and cannot honour {name}; use one of {able}.")
     ratio = config.ratio
-    if target is not None:
+    if name == "target_memory":
+        ratio = solve_cap(discovery, config, cost, int(target), name)
+    elif target is not None:
         ratio = solve_ratio(discovery, config, cost, target, name)
-    if "MACs" not in units:
+    if set(units) == {"parameters"}:
         return ratio, allocation(model, discovery, config, ratio)
     ks = allocation(model, discovery, config, ratio, cost=cost)
+    if name == "target_memory" and cost.count(ks) > target:
+        raise FoldError(f"target_memory={int(target):,}: allocation={config.allocation!r} "
+                        f"leaves {cost.count(ks):,} bytes, more than the target.")
     if cost.unit == "MACs" and target is not None:
         removed = 1.0 - cost.count(ks) / cost.total
         if abs(removed - target) > config.sparsity_tolerance:
@@ -230,10 +277,10 @@ def uniform_allocation(model: nn.Module, discovery: GroupDiscovery, config: Any,
 @register_allocation("inertia", units=UNITS)
 def inertia_allocation(model: nn.Module, discovery: GroupDiscovery, config: Any,
                        ratio: float, cost: BudgetCost | None = None) -> dict[str, int]:
-    """The amount (parameters, or MACs under `target_macs`) of the uniform `ratio`, spread by
-    the groups' Ward distortion curves (`cluster.allocation`): redundant groups fold harder, and
-    a channel costs what removing it saves in the budget's unit. Groups with a module_ratios
-    override keep their k."""
+    """The amount (parameters, MACs under `target_macs`, bytes under `target_memory`) of the
+    uniform `ratio`, spread by the groups' Ward distortion curves (`cluster.allocation`):
+    redundant groups fold harder, and a channel costs what removing it saves in the budget's
+    unit. Groups with a module_ratios override keep their k."""
     cost = cost or parameter_cost(model, discovery)
     uniform = uniform_clusters(discovery, config, ratio)
     budget = cost.count(uniform)

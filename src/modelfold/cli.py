@@ -270,7 +270,7 @@ def _fold_config(config: Path | None, data_flags: dict[str, Any], di_preset: str
         except (ValueError, RecursionError, TypeError) as exc:
             fail(f"--config {config} is not a FoldConfig JSON file ({type(exc).__name__}: "
                  f"{' '.join(str(exc).split())[:200]}).")
-    budgets = ("ratio", "target_sparsity", "target_macs")
+    budgets = ("ratio", "target_sparsity", "target_macs", "target_memory")
     for key in budgets:  # a budget flag replaces the config file's budget
         if data_flags.get(key) is not None:
             data.update(dict.fromkeys(budgets), **{key: data_flags[key]})
@@ -296,6 +296,9 @@ def fold(
     target_macs: Annotated[float | None, typer.Option(
         help="Fraction of multiply-accumulates to remove, counted on an input of "
              "--input-shape (solves for the ratio).")] = None,
+    target_memory: Annotated[int | None, typer.Option(
+        help="Bytes the folded model's parameters and buffers may take at most (solves for "
+             "the ratio).")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", help="Architecture of a weights file: zoo name or 'package.module:callable'.")]
     = None,
@@ -340,16 +343,18 @@ def fold(
     import modelfold as mf
 
     given = [o for o, v in (("--ratio", ratio), ("--target-sparsity", target_sparsity),
-                            ("--target-macs", target_macs)) if v is not None]
+                            ("--target-macs", target_macs), ("--target-memory", target_memory))
+             if v is not None]
     if len(given) > 1:
-        fail(f"give only one of --ratio, --target-sparsity or --target-macs (got "
-             f"{' and '.join(given)}).")
+        fail(f"give only one of --ratio, --target-sparsity, --target-macs or --target-memory "
+             f"(got {' and '.join(given)}).")
     _check_ratio("--ratio", ratio)
     _check_ratio("--target-sparsity", target_sparsity)
     _check_ratio("--target-macs", target_macs)
+    _check_positive("--target-memory", target_memory)
     shape = _parse_shape(input_shape)
     cfg = _fold_config(config, {"ratio": ratio, "target_sparsity": target_sparsity,
-                                "target_macs": target_macs,
+                                "target_macs": target_macs, "target_memory": target_memory,
                                 "seed": seed, "clusterer": clusterer, "repair": repair,
                                 "round_to": round_to, "allocation": allocation,
                                 "self_calibrate": True if self_calibrate else None}, di_preset)

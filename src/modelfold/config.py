@@ -22,7 +22,8 @@ from modelfold.errors import FoldError
 from modelfold.repair import correlation_names, repair_names
 from modelfold.repair.deep_inversion import DeepInversionConfig
 
-CONFIG_VERSION = 1  # fields added with a default (target_macs) keep older configs readable
+CONFIG_VERSION = 1  # fields added with a default (target_macs, target_memory) keep older
+# configs readable
 BUDGET_RATIOS = ("ratio", "target_sparsity", "target_macs")  # budget fields in [0, 1)
 
 
@@ -59,6 +60,8 @@ class PipelineConfig:
         for f in BUDGET_RATIOS:
             if getattr(self, f, None) is not None:
                 check_ratio(getattr(self, f), f)
+        if getattr(self, "target_memory", None) is not None:
+            check_bytes(self.target_memory, "target_memory")
         for f, names in self.choices().items():
             self.check_choice(f, names())
         for f in ("n_init", "max_iter", "round_to"):
@@ -128,7 +131,11 @@ class FoldConfig(PipelineConfig):
         target_macs: fraction of the model's multiply-accumulates to remove, counted on the
             example input (`modelfold.macs.count_macs`: convolutions, matrix products and
             attention); solved like `target_sparsity`, and the folded model is counted again
-            to check it. Exactly one of `ratio`, `target_sparsity` and `target_macs` is given.
+            to check it.
+        target_memory: bytes the folded model's parameters and buffers may take at most (their
+            dtypes as they are); the smallest uniform ratio fitting is searched for, and the
+            folded model is measured to check it. Exactly one of `ratio`, `target_sparsity`,
+            `target_macs` and `target_memory` is given.
         module_ratios: per-module overrides, module name (as in `named_modules`) -> ratio. A group
             takes the override of its root module (the first producer in the group).
         clusterer: a registered clusterer (`modelfold.cluster.register_clusterer`): "kmeans"
@@ -141,7 +148,8 @@ class FoldConfig(PipelineConfig):
             so large tensors do not dominate the distance.
         allocation: a registered allocation (`modelfold.budget.register_allocation`):
             "uniform" (every group loses the same fraction: the paper) or "inertia" (same
-            parameter count, or MAC count under `target_macs`, as the uniform ratio / target,
+            parameter count (MACs under `target_macs`, bytes under `target_memory`) as the
+            uniform ratio / target,
             spread over the groups by their Ward clustering-distortion curves: redundant groups
             fold harder). An allocation registered for parameters only refuses `target_macs`.
         round_to: kept channel counts are rounded to a multiple of this (1 = the paper's exact
@@ -170,11 +178,13 @@ class FoldConfig(PipelineConfig):
     """
 
     applies_to: ClassVar[str] = "the graph-based path (FoldConfig)"
-    budget_fields: ClassVar[tuple[str, ...]] = ("ratio", "target_sparsity", "target_macs")
+    budget_fields: ClassVar[tuple[str, ...]] = ("ratio", "target_sparsity", "target_macs",
+                                                "target_memory")
 
     ratio: float | None = None
     target_sparsity: float | None = None
     target_macs: float | None = None
+    target_memory: int | None = None
     module_ratios: dict[str, float] = field(default_factory=dict)
     clusterer: str = "kmeans"
     features: str = "full"
@@ -278,6 +288,8 @@ def resolve_config(cls: type[PipelineConfig], config: PipelineConfig | None,
     for key in budget:
         if key in BUDGET_RATIOS:
             check_ratio(given[key], key)
+        elif key == "target_memory":
+            check_bytes(given[key], key)
     data = config.to_dict() if config is not None else {}
     if budget:
         data.update(dict.fromkeys(cls.budget_fields))
@@ -285,6 +297,13 @@ def resolve_config(cls: type[PipelineConfig], config: PipelineConfig | None,
     if all(data.get(k) is None for k in cls.budget_fields):
         raise FoldError(f"give {_either(cls.budget_fields)} (how much to remove).")
     return cls.from_dict(data)
+
+
+def check_bytes(value: object, name: str) -> int:
+    """A byte count is a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FoldError(f"`{name}` must be a positive integer number of bytes, got {value!r}.")
+    return value
 
 
 def check_positive_int(config: Any, name: str) -> None:

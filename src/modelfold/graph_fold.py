@@ -21,7 +21,7 @@ from modelfold.config import FoldConfig, register_pipeline
 from modelfold.errors import FoldError, check_parameters
 from modelfold.graph import GroupDiscovery, discover_groups
 from modelfold.macs import count_macs
-from modelfold.merge.apply import apply_plan, predicted_parameter_count
+from modelfold.merge.apply import apply_plan, memory_bytes, predicted_parameter_count
 from modelfold.merge.plan import FoldPlan, GroupPlan
 from modelfold.record import (
     FACTORY_ATTR,
@@ -125,6 +125,8 @@ def fold_graph(
     extra: dict[str, Any] = {"self_calibration": calibration_report} if calibration_report else {}
     if cost.unit == "MACs":
         extra.update(check_macs(work, inputs, config, cost, predicted_macs))
+    if cost.unit == "bytes":
+        extra.update(check_memory(work, config, cost))
     record = FoldRecord(
         config=config.to_dict(),
         ratio=base_ratio,
@@ -163,6 +165,18 @@ def check_macs(folded: nn.Module, inputs: Any, config: FoldConfig, cost: BudgetC
             "another target or a larger sparsity_tolerance."
         )
     return {"macs_before": cost.total, "macs_after": after}
+
+
+def check_memory(folded: nn.Module, config: FoldConfig, cost: BudgetCost) -> dict[str, int]:
+    """The folded model's parameters and buffers must fit `target_memory` bytes. Returns the
+    sizes for the fold record."""
+    after = memory_bytes(folded)
+    if after > config.target_memory:
+        raise FoldError(f"target_memory={config.target_memory:,}: the folded model takes "
+                        f"{after:,} bytes, more than its shapes imply: a tensor the channel "
+                        "groups were expected to shrink did not. Pass the modules around it in "
+                        "`ignored=`.")
+    return {"memory_before": cost.total, "memory_after": after}
 
 
 def make_plan(discovery: GroupDiscovery, config: FoldConfig, ratio: float,

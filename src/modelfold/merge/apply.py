@@ -151,6 +151,31 @@ def predicted_mac_count(model: torch.nn.Module, discovery: GroupDiscovery,
     return total
 
 
+def predicted_memory(model: torch.nn.Module, discovery: GroupDiscovery,
+                     kept: dict[str, int]) -> int:
+    """Bytes of the folded model's parameters and buffers, from shapes alone. A buffer of the
+    shape of one of its module's parameters (BatchNorm's running statistics) shrinks with it;
+    other buffers keep their size."""
+    sizes = folded_sizes(model, discovery, kept)
+    params = {id(p): p for p in model.parameters()}
+    total = sum(after * params[pid].element_size() for pid, (_, after) in sizes.items())
+    seen: set[int] = set()
+    for module in model.modules():
+        shapes = {tuple(p.shape): sizes[id(p)][1] for p in module.parameters(recurse=False)}
+        for b in module.buffers(recurse=False):
+            if id(b) in seen:
+                continue
+            seen.add(id(b))
+            total += shapes.get(tuple(b.shape), b.numel()) * b.element_size()
+    return total
+
+
+def memory_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, each shared tensor counted once."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def folded_sizes(model: torch.nn.Module, discovery: GroupDiscovery, kept: dict[str, int]
                  ) -> dict[int, tuple[int, int]]:
     """id of every parameter -> (its size, its size once the groups keep `kept` channels)."""
