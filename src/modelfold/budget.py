@@ -2,12 +2,12 @@
 
 Ratio arithmetic (`check_ratio`, `kept_channels`, `bisect_ratio`) is shared by every pipeline.
 For the graph path, `cluster_counts` is the one call a pipeline makes: it solves
-`target_sparsity` (parameters) or `target_macs` (multiply-accumulates on the example input) for
-a ratio when asked and spreads the budget over the channel groups with the configured
-allocation. Allocations are registered by name: `register_allocation("name")(fn)`,
-`fn(model, discovery, config, ratio) -> {group name: k}`; one registered with
-`units=("parameters", "MACs")` also spends MAC budgets and is then called with `cost=` (a
-`BudgetCost` in the unit asked).
+`target_sparsity` (parameters), `target_macs` (multiply-accumulates on the example input) or
+`target_memory` (a cap in bytes) for a ratio when asked and spreads the budget over the channel
+groups with the configured allocation. Allocations are registered by name:
+`register_allocation("name")(fn)`, `fn(model, discovery, config, ratio) -> {group name: k}`; one
+registered with `units=("parameters", "MACs", "bytes")` also spends those budgets and is then
+called with `cost=` (a `BudgetCost` in the unit asked).
 """
 
 from __future__ import annotations
