@@ -235,13 +235,13 @@ def sp_ratio(model: torch.nn.Module, example: Any, target: float) -> float:
     SP-L1/L2 keep k = max(1, round(n (1 - ratio))) channels per group like folding, so with
     this ratio both reach the same achieved sparsity (FoldError when unreachable)."""
     import modelfold as mf
-    from modelfold.budget import solve_ratio
+    from modelfold.budget import parameter_cost, solve_ratio
     from modelfold.graph import discover_groups
 
     model.eval()
     discovery = discover_groups(model, example)
     config = mf.FoldConfig(target_sparsity=target)
-    return solve_ratio(model, discovery, config, n_params(model))
+    return solve_ratio(discovery, config, parameter_cost(model, discovery), target)
 
 
 def dir_settings(preset: str) -> dict[str, Any]:

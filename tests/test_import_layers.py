@@ -22,8 +22,9 @@ PACKAGE = "modelfold"
 SRC = Path(__file__).parent.parent / "src" / PACKAGE
 
 LAYERS: list[set[str]] = [
-    # foundation: errors, records, folder files, the name -> strategy registry, cache folders
-    {"errors", "version", "record", "files", "registry", "cache", "_optional"},
+    # foundation: errors, records, folder files, the name -> strategy registry, cache folders,
+    # the MAC counter
+    {"errors", "version", "record", "files", "registry", "cache", "_optional", "macs"},
     {"data", "zoo"},  # datasets and model definitions
     {"graph"},  # channel groups and the per-layer rules they are made of
     {"cluster"},

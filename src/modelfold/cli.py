@@ -270,12 +270,12 @@ def _fold_config(config: Path | None, data_flags: dict[str, Any], di_preset: str
         except (ValueError, RecursionError, TypeError) as exc:
             fail(f"--config {config} is not a FoldConfig JSON file ({type(exc).__name__}: "
                  f"{' '.join(str(exc).split())[:200]}).")
-    if data_flags.get("ratio") is not None:
-        data.update(ratio=data_flags["ratio"], target_sparsity=None)
-    if data_flags.get("target_sparsity") is not None:
-        data.update(target_sparsity=data_flags["target_sparsity"], ratio=None)
+    budgets = ("ratio", "target_sparsity", "target_macs", "target_memory")
+    for key in budgets:  # a budget flag replaces the config file's budget
+        if data_flags.get(key) is not None:
+            data.update(dict.fromkeys(budgets), **{key: data_flags[key]})
     data.update({k: v for k, v in data_flags.items()
-                 if v is not None and k not in ("ratio", "target_sparsity")})
+                 if v is not None and k not in budgets})
     if di_preset is not None:
         try:
             data["deep_inversion"] = asdict(DeepInversionConfig.preset(di_preset))
@@ -293,6 +293,12 @@ def fold(
     = None,
     target_sparsity: Annotated[float | None, typer.Option(
         help="Fraction of parameters to remove (solves for the ratio).")] = None,
+    target_macs: Annotated[float | None, typer.Option(
+        help="Fraction of multiply-accumulates to remove, counted on an input of "
+             "--input-shape (solves for the ratio).")] = None,
+    target_memory: Annotated[int | None, typer.Option(
+        help="Bytes the folded model's parameters and buffers may take at most (solves for "
+             "the ratio).")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", help="Architecture of a weights file: zoo name or 'package.module:callable'.")]
     = None,
@@ -307,8 +313,8 @@ def fold(
     round_to: Annotated[int | None, typer.Option(
         help="Round kept channel counts to multiples of this (default 1).")] = None,
     allocation: Annotated[str | None, typer.Option(
-        help="uniform (same ratio in every group) or inertia (same parameter count spread by "
-             "clustering distortion) (default uniform).")] = None,
+        help="uniform (same ratio in every group) or inertia (same parameter or MAC count "
+             "spread by clustering distortion) (default uniform).")] = None,
     config: Annotated[Path | None, typer.Option(help="FoldConfig JSON file (flags override).")]
     = None,
     repair: Annotated[str | None, typer.Option(
@@ -336,12 +342,19 @@ def fold(
 
     import modelfold as mf
 
-    if ratio is not None and target_sparsity is not None:
-        fail("give either --ratio or --target-sparsity, not both.")
+    given = [o for o, v in (("--ratio", ratio), ("--target-sparsity", target_sparsity),
+                            ("--target-macs", target_macs), ("--target-memory", target_memory))
+             if v is not None]
+    if len(given) > 1:
+        fail(f"give only one of --ratio, --target-sparsity, --target-macs or --target-memory "
+             f"(got {' and '.join(given)}).")
     _check_ratio("--ratio", ratio)
     _check_ratio("--target-sparsity", target_sparsity)
+    _check_ratio("--target-macs", target_macs)
+    _check_positive("--target-memory", target_memory)
     shape = _parse_shape(input_shape)
     cfg = _fold_config(config, {"ratio": ratio, "target_sparsity": target_sparsity,
+                                "target_macs": target_macs, "target_memory": target_memory,
                                 "seed": seed, "clusterer": clusterer, "repair": repair,
                                 "round_to": round_to, "allocation": allocation,
                                 "self_calibrate": True if self_calibrate else None}, di_preset)

@@ -22,7 +22,9 @@ from modelfold.errors import FoldError
 from modelfold.repair import correlation_names, repair_names
 from modelfold.repair.deep_inversion import DeepInversionConfig
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 1  # fields added with a default (target_macs, target_memory) keep older
+# configs readable
+BUDGET_RATIOS = ("ratio", "target_sparsity", "target_macs")  # budget fields in [0, 1)
 
 
 class PipelineConfig:
@@ -55,9 +57,11 @@ class PipelineConfig:
         name = type(self).__name__
         if sum(getattr(self, f) is not None for f in self.budget_fields) != 1:
             raise FoldError(f"{name}: give exactly one of {_either(self.budget_fields)}.")
-        for f in ("ratio", "target_sparsity"):
+        for f in BUDGET_RATIOS:
             if getattr(self, f, None) is not None:
                 check_ratio(getattr(self, f), f)
+        if getattr(self, "target_memory", None) is not None:
+            check_bytes(self.target_memory, "target_memory")
         for f, names in self.choices().items():
             self.check_choice(f, names())
         for f in ("n_init", "max_iter", "round_to"):
@@ -124,6 +128,14 @@ class FoldConfig(PipelineConfig):
             k = max(1, round(n * (1 - ratio))) (the paper's semantics).
         target_sparsity: fraction of the model's parameters to remove instead of a fixed ratio;
             the ratio reaching it within `sparsity_tolerance` is searched for.
+        target_macs: fraction of the model's multiply-accumulates to remove, counted on the
+            example input (`modelfold.macs.count_macs`: convolutions, matrix products and
+            attention); solved like `target_sparsity`, and the folded model is counted again
+            to check it.
+        target_memory: bytes the folded model's parameters and buffers may take at most (their
+            dtypes as they are); the smallest uniform ratio fitting is searched for, and the
+            folded model is measured to check it. Exactly one of `ratio`, `target_sparsity`,
+            `target_macs` and `target_memory` is given.
         module_ratios: per-module overrides, module name (as in `named_modules`) -> ratio. A group
             takes the override of its root module (the first producer in the group).
         clusterer: a registered clusterer (`modelfold.cluster.register_clusterer`): "kmeans"
@@ -136,13 +148,16 @@ class FoldConfig(PipelineConfig):
             so large tensors do not dominate the distance.
         allocation: a registered allocation (`modelfold.budget.register_allocation`):
             "uniform" (every group loses the same fraction: the paper) or "inertia" (same
-            parameter count as the uniform ratio / target, spread over the groups by their Ward
-            clustering-distortion curves: redundant groups fold harder).
+            parameter count (MACs under `target_macs`, bytes under `target_memory`) as the
+            uniform ratio / target,
+            spread over the groups by their Ward clustering-distortion curves: redundant groups
+            fold harder). An allocation registered for parameters only refuses `target_macs`.
         round_to: kept channel counts are rounded to a multiple of this (1 = the paper's exact
             k; 8 or 64 let GPU kernels run at full speed on the folded shapes).
         n_init, max_iter, tol: k-means restarts, Lloyd iterations and relative-shift tolerance.
         seed: seed of the clustering (the result is deterministic for a given seed).
-        sparsity_tolerance: allowed gap between achieved and target parameter sparsity.
+        sparsity_tolerance: allowed gap between the achieved and the target reduction
+            (parameters for `target_sparsity`, MACs for `target_macs`).
         repair: a registered repair (`modelfold.repair.register_repair`): "none" (Fold-Naive),
             "data" (Fold-R, needs `calibration`), "approx" (Fold-AR, data-free),
             "deep_inversion" (Fold-DIR) or "deep_inversion_debiased" (Fold-DIR corrected by the
@@ -163,9 +178,13 @@ class FoldConfig(PipelineConfig):
     """
 
     applies_to: ClassVar[str] = "the graph-based path (FoldConfig)"
+    budget_fields: ClassVar[tuple[str, ...]] = ("ratio", "target_sparsity", "target_macs",
+                                                "target_memory")
 
     ratio: float | None = None
     target_sparsity: float | None = None
+    target_macs: float | None = None
+    target_memory: int | None = None
     module_ratios: dict[str, float] = field(default_factory=dict)
     clusterer: str = "kmeans"
     features: str = "full"
@@ -264,12 +283,13 @@ def resolve_config(cls: type[PipelineConfig], config: PipelineConfig | None,
             raise FoldError(f"`{key}` does not apply to {cls.applies_to}{where}.")
     budget = [k for k in cls.budget_fields if k in given]
     if len(budget) > 1:
-        fields = cls.budget_fields
-        raise FoldError(f"give either {_either(fields)}, not both." if len(fields) == 2
-                        else f"give exactly one of {_either(fields)}.")
+        given_names = " and ".join(f"`{k}`" for k in budget)
+        raise FoldError(f"give exactly one of {_either(cls.budget_fields)} (got {given_names}).")
     for key in budget:
-        if key in ("ratio", "target_sparsity"):
+        if key in BUDGET_RATIOS:
             check_ratio(given[key], key)
+        elif key == "target_memory":
+            check_bytes(given[key], key)
     data = config.to_dict() if config is not None else {}
     if budget:
         data.update(dict.fromkeys(cls.budget_fields))
@@ -277,6 +297,13 @@ def resolve_config(cls: type[PipelineConfig], config: PipelineConfig | None,
     if all(data.get(k) is None for k in cls.budget_fields):
         raise FoldError(f"give {_either(cls.budget_fields)} (how much to remove).")
     return cls.from_dict(data)
+
+
+def check_bytes(value: object, name: str) -> int:
+    """A byte count is a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FoldError(f"`{name}` must be a positive integer number of bytes, got {value!r}.")
+    return value
 
 
 def check_positive_int(config: Any, name: str) -> None:

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelfold.budget import cluster_counts
+from modelfold.budget import BudgetCost, budget_cost, cluster_counts
 from modelfold.cluster import cluster_channels, group_features
 from modelfold.config import FoldConfig, register_pipeline
 from modelfold.errors import FoldError, check_parameters
 from modelfold.graph import GroupDiscovery, discover_groups
-from modelfold.merge.apply import apply_plan, predicted_parameter_count
+from modelfold.macs import count_macs
+from modelfold.merge.apply import apply_plan, memory_bytes, predicted_parameter_count
 from modelfold.merge.plan import FoldPlan, GroupPlan
 from modelfold.record import (
     FACTORY_ATTR,
@@ -84,24 +85,28 @@ def fold_graph(
                 f"module_ratios[{name!r}]: this module writes no foldable channel group (its "
                 "outputs are the network output, ignored, or coupled by an unsupported op)."
             )
+    cost = budget_cost(work, discovery, config, inputs)
     if config.self_calibrate:
-        base_ratio, ks = cluster_counts(work, discovery, config, params_before)
+        base_ratio, ks = cluster_counts(work, discovery, config, cost=cost)
     else:
         repairer.before_plan(work, discovery, config)
-        base_ratio, ks = cluster_counts(work, discovery, config, params_before)
+        base_ratio, ks = cluster_counts(work, discovery, config, cost=cost)
         plan = make_plan(discovery, config, base_ratio, ks)
-        predicted = predicted_parameter_count(work, discovery,
-                                              {g: p.k for g, p in plan.groups.items()})
+        kept = {g: p.k for g, p in plan.groups.items()}
+        predicted = predicted_parameter_count(work, discovery, kept)
+        predicted_macs = cost.count(kept) if cost.unit == "MACs" else None
         repairer.before_merge(work, discovery, plan, config)
         apply_plan(discovery, plan)
     calibration_report = None
+    if config.self_calibrate:
+        predicted_macs = None  # its allocation runs (and folds) inside self_calibrated_fold
     original_training = original.training
     try:
         if config.self_calibrate:
             from modelfold.calibrate.graph import self_calibrated_fold
 
             plan, predicted, calibration_report = self_calibrated_fold(
-                work, original, discovery, config, ks, inputs)
+                work, original, discovery, config, ks, inputs, count=cost.count)
             plan.ratio = base_ratio
         else:
             repairer.after_merge(original, work, discovery, plan, config, calibration, inputs)
@@ -117,6 +122,11 @@ def fold_graph(
             "couples channels. Pass the modules around it in `ignored=`."
         )
     check_output(work, inputs, reference)
+    extra: dict[str, Any] = {"self_calibration": calibration_report} if calibration_report else {}
+    if cost.unit == "MACs":
+        extra.update(check_macs(work, inputs, config, cost, predicted_macs))
+    if cost.unit == "bytes":
+        extra.update(check_memory(work, config, cost))
     record = FoldRecord(
         config=config.to_dict(),
         ratio=base_ratio,
@@ -127,10 +137,46 @@ def fold_graph(
         params_before=params_before,
         params_after=params_after,
         factory=getattr(model, FACTORY_ATTR, None),
-        extra={"self_calibration": calibration_report} if calibration_report else {},
+        extra=extra,
     )
     setattr(work, RECORD_ATTR, record)
     return work
+
+
+def check_macs(folded: nn.Module, inputs: Any, config: FoldConfig, cost: BudgetCost,
+               predicted: int | None) -> dict[str, int]:
+    """Count the folded model's MACs on `inputs`: they must be the `predicted` ones (when
+    known), and their reduction must meet `target_macs` within the tolerance. Returns the
+    counts for the fold record."""
+    after = count_macs(folded, inputs)
+    achieved = 1.0 - after / cost.total
+    if predicted is not None and after != predicted:
+        raise FoldError(
+            f"target_macs={config.target_macs}: the folded model does {after:,} MACs, not the "
+            f"{predicted:,} its shapes imply: an op whose work does not follow the folded "
+            "weights or attention heads changed size. Pass the modules around it in `ignored=`."
+        )
+    if abs(achieved - config.target_macs) > config.sparsity_tolerance:
+        raise FoldError(
+            f"target_macs={config.target_macs}: the allocation ({config.allocation}"
+            f"{', self-calibrated' if config.self_calibrate else ''}) removes {achieved:.4f} of "
+            f"the MACs, outside sparsity_tolerance ({config.sparsity_tolerance}): its groups' "
+            "channels cost MACs in steps too coarse for this target. Use allocation='uniform', "
+            "another target or a larger sparsity_tolerance."
+        )
+    return {"macs_before": cost.total, "macs_after": after}
+
+
+def check_memory(folded: nn.Module, config: FoldConfig, cost: BudgetCost) -> dict[str, int]:
+    """The folded model's parameters and buffers must fit `target_memory` bytes. Returns the
+    sizes for the fold record."""
+    after = memory_bytes(folded)
+    if after > config.target_memory:
+        raise FoldError(f"target_memory={config.target_memory:,}: the folded model takes "
+                        f"{after:,} bytes, more than its shapes imply: a tensor the channel "
+                        "groups were expected to shrink did not. Pass the modules around it in "
+                        "`ignored=`.")
+    return {"memory_before": cost.total, "memory_after": after}
 
 
 def make_plan(discovery: GroupDiscovery, config: FoldConfig, ratio: float,

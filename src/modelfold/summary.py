@@ -1,18 +1,19 @@
-"""`summary(model, folded)`: parameters, MACs and every group n -> k, side by side."""
+"""`summary(model, folded)`: parameters, MACs and every group n -> k, side by side.
+
+MACs are counted on the aten ops of one forward pass (`modelfold.macs.count_macs`)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from modelfold.errors import FoldError
+from modelfold.macs import count_macs
 from modelfold.record import GroupInfo, LLMFoldRecord, get_llm_record, get_record, inputs_from_spec
 
 
@@ -50,8 +51,9 @@ class FoldSummary:
             f"  ({self.sparsity:.1%} removed)",
         ]
         if self.macs_before is not None and self.macs_after is not None:
+            removed = self.mac_reduction
             lines.append(f"MACs       : {self.macs_before:>14,} -> {self.macs_after:>14,}"
-                         f"  ({self.mac_reduction:.1%} removed)")
+                         + (f"  ({removed:.1%} removed)" if removed is not None else ""))
         elif self.macs_after is not None:  # the unfolded model's MACs are unknown
             lines.append(f"MACs after : {self.macs_after:>14,}")
         lines.append(f"ratio      : {self.ratio:.4f}")
@@ -67,14 +69,6 @@ class FoldSummary:
             lines.append("not foldable:")
             lines.extend(f"  {g.name}: {g.reason}" for g in unsafe)
         return "\n".join(lines)
-
-
-def count_macs(model: nn.Module, example_inputs: Any) -> int:
-    """Multiply-accumulates of one forward pass (Torch-Pruning's op counter)."""
-    probe = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        macs, _ = tp.utils.count_ops_and_params(probe, example_inputs)
-    return int(macs)
 
 
 def summary(
@@ -134,6 +128,9 @@ def _describe(spec: Any) -> str:
 
 def _count_macs(model: nn.Module, example_inputs: Any, which: str, inputs: str) -> int:
     """count_macs; a model that does not run on the inputs is a FoldError naming them."""
+    if _empty(example_inputs):
+        raise FoldError(f"summary: {inputs} holds no elements (an empty batch?), so MACs cannot "
+                        "be counted on it.")
     try:
         return count_macs(model, example_inputs)
     except FoldError:
@@ -141,6 +138,17 @@ def _count_macs(model: nn.Module, example_inputs: Any, which: str, inputs: str) 
     except Exception as exc:  # the forward pass runs the user's model
         raise FoldError(f"summary: {which} does not run on {inputs} ({type(exc).__name__}: "
                         f"{exc}), so its MACs cannot be counted.") from exc
+
+
+def _empty(x: Any) -> bool:
+    """Inputs with a tensor of no elements (a forward pass on them does no work)."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 0
+    if isinstance(x, dict):
+        return any(_empty(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return any(_empty(v) for v in x)
+    return False
 
 
 def _llm_summary(record: LLMFoldRecord, folded: nn.Module) -> FoldSummary:

@@ -25,6 +25,7 @@ On calibration inputs the model synthesised itself (`modelfold.calibrate.synthet
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,14 +227,22 @@ def error_curve(model: nn.Module, probe: Any, reference: torch.Tensor, st: _Grou
 
 def allocate_by_sensitivity(model: nn.Module, discovery: GroupDiscovery,
                             stats: dict[str, _GroupStats], uniform: dict[str, int],
-                            probe: Any, round_to: int = 1) -> dict[str, int]:
-    """k per group: the parameter count of `uniform` spread by the groups' error curves.
-    Groups without statistics keep their uniform k."""
+                            probe: Any, round_to: int = 1,
+                            count: Callable[[dict[str, int]], int] | None = None
+                            ) -> dict[str, int]:
+    """k per group: the amount of `uniform` spread by the groups' error curves, in the unit
+    `count` measures (default: predicted parameters). Groups without statistics keep their
+    uniform k."""
     from modelfold.cluster.allocation import allocate
 
-    budget = predicted_parameter_count(model, discovery, uniform)
+    if count is None:
+        def count(ks: dict[str, int]) -> int:
+            return predicted_parameter_count(model, discovery, ks)
+
+    measure = count
+    budget = measure(uniform)
     fixed = {g: k for g, k in uniform.items() if g not in stats}
-    full = predicted_parameter_count(model, discovery, {})
+    full = measure({})
     curves, costs = {}, {}
     with torch.no_grad():
         reference = _first_tensor(_call(model.eval(), probe)).float()
@@ -241,13 +250,12 @@ def allocate_by_sensitivity(model: nn.Module, discovery: GroupDiscovery,
         if st.group.n < 2:
             continue
         curves[name] = error_curve(model, probe, reference, st)
-        costs[name] = (full - predicted_parameter_count(model, discovery,
-                                                        {name: st.group.n - 1})) / full
+        costs[name] = max(full - measure({name: st.group.n - 1}), 1) / full
 
-    def count(ks: dict[str, int]) -> int:
-        return predicted_parameter_count(model, discovery, {**fixed, **ks})
+    def total(ks: dict[str, int]) -> int:
+        return measure({**fixed, **ks})
 
-    ks = allocate(curves, costs, count, budget, max_ratio=MAX_RATIO, round_to=round_to)
+    ks = allocate(curves, costs, total, budget, max_ratio=MAX_RATIO, round_to=round_to)
     return {**fixed, **{g: k for g, k in ks.items() if k < stats[g].group.n}}
 
 
@@ -390,10 +398,12 @@ def _labels(cmap: ChannelMap) -> list[int]:
 
 
 def self_calibrated_fold(work: nn.Module, original: nn.Module, discovery: GroupDiscovery,
-                         config, uniform: dict[str, int], example: Any
+                         config, uniform: dict[str, int], example: Any,
+                         count: Callable[[dict[str, int]], int] | None = None
                          ) -> tuple[FoldPlan, int, dict[str, Any]]:
     """Fold `work` in place (see the module docstring). `uniform` holds the k of every group
-    at the uniform ratio: its parameter count is the budget. Returns the plan, the predicted
+    at the uniform ratio: its amount is the budget, in the unit `count` measures (default:
+    predicted parameters). Returns the plan, the predicted
     parameter count and a report (synthetic input shape, groups observed, layers refitted)."""
     from modelfold.calibrate.synthetic import synthetic_inputs
     from modelfold.cluster import cluster_channels, group_features
@@ -401,7 +411,7 @@ def self_calibrated_fold(work: nn.Module, original: nn.Module, discovery: GroupD
     synthetic = synthetic_inputs(work, example, seed=config.seed)
     stats, order = observe(work, discovery, synthetic)
     ks = allocate_by_sensitivity(work, discovery, stats, uniform,
-                                 _slice(synthetic, SENSITIVITY_SAMPLES), config.round_to)
+                                 _slice(synthetic, SENSITIVITY_SAMPLES), config.round_to, count)
     predicted = predicted_parameter_count(work, discovery, ks)
     maps: dict[str, ChannelMap] = {}
     plan = FoldPlan(ratio=0.0)

@@ -17,6 +17,7 @@ import torch
 from modelfold.graph.groups import ChannelGroup, GroupDiscovery
 from modelfold.graph.handlers import find_layer_handler
 from modelfold.graph.layout import SlotLayout
+from modelfold.macs import MacProfile
 from modelfold.merge.plan import FoldPlan, GroupPlan
 
 
@@ -119,6 +120,65 @@ def predicted_parameter_count(
     `kept` maps group name -> k. Used to solve for a target sparsity and to cross-check the
     physically folded model.
     """
+    return sum(after for _, after in folded_sizes(model, discovery, kept).values())
+
+
+def predicted_mac_count(model: torch.nn.Module, discovery: GroupDiscovery,
+                        kept: dict[str, int], profile: MacProfile) -> int:
+    """MACs of the folded model on the input `profile` was measured on (`profile_macs` of the
+    unfolded `model`), from shapes alone.
+
+    The MACs of an op taking a weight follow the weight's size (numel x positions: positions do
+    not change when channels are removed); the attention products of a head group's module
+    follow its number of heads; other activation-only products stay as they are.
+    """
+    sizes = folded_sizes(model, discovery, kept)
+    total = 0
+    for pid, macs in profile.by_parameter.items():
+        before, after = sizes.get(pid, (1, 1))
+        total += macs * after // before if before else macs
+    heads = []
+    for group in discovery.groups:
+        k = kept.get(group.name, group.n)
+        if group.kind == "heads" and k < group.n:
+            heads.append((group.slots[0].name, k, group.n))
+    for name, macs in profile.free.items():
+        for prefix, k, n in heads:
+            if prefix == "" or name == prefix or name.startswith(prefix + "."):
+                macs = macs * k // n
+                break
+        total += macs
+    return total
+
+
+def predicted_memory(model: torch.nn.Module, discovery: GroupDiscovery,
+                     kept: dict[str, int]) -> int:
+    """Bytes of the folded model's parameters and buffers, from shapes alone. A buffer of the
+    shape of one of its module's parameters (BatchNorm's running statistics) shrinks with it;
+    other buffers keep their size."""
+    sizes = folded_sizes(model, discovery, kept)
+    params = {id(p): p for p in model.parameters()}
+    total = sum(after * params[pid].element_size() for pid, (_, after) in sizes.items())
+    seen: set[int] = set()
+    for module in model.modules():
+        shapes = {tuple(p.shape): sizes[id(p)][1] for p in module.parameters(recurse=False)}
+        for b in module.buffers(recurse=False):
+            if id(b) in seen:
+                continue
+            seen.add(id(b))
+            total += shapes.get(tuple(b.shape), b.numel()) * b.element_size()
+    return total
+
+
+def memory_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, each shared tensor counted once."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def folded_sizes(model: torch.nn.Module, discovery: GroupDiscovery, kept: dict[str, int]
+                 ) -> dict[int, tuple[int, int]]:
+    """id of every parameter -> (its size, its size once the groups keep `kept` channels)."""
     shrink: dict[int, dict[int, int]] = {}
     for group in discovery.groups:
         k = kept.get(group.name, group.n)
@@ -141,14 +201,12 @@ def predicted_parameter_count(
             seen.add(key)
             axes = shrink.setdefault(id(tensor), {})
             axes[key[1]] = axes.get(key[1], 0) + (group.n - k) * per
-    total = 0
-    seen_params: set[int] = set()
+    sizes: dict[int, tuple[int, int]] = {}
     for p in model.parameters():
-        if id(p) in seen_params:
+        if id(p) in sizes:
             continue
-        seen_params.add(id(p))
         size = 1
         for axis, dim in enumerate(p.shape):
             size *= dim - shrink.get(id(p), {}).get(axis, 0)
-        total += size
-    return total
+        sizes[id(p)] = (p.numel(), size)
+    return sizes
