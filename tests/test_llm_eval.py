@@ -9,7 +9,13 @@ from typer.testing import CliRunner
 import modelfold as mf
 from modelfold.baselines import prune_llm
 from modelfold.cli import app
-from modelfold.eval.perplexity import make_windows, perplexity, pick_windows
+from modelfold.eval.perplexity import (
+    make_windows,
+    perplexity,
+    perplexity_and_predictions,
+    pick_windows,
+    top1_agreement,
+)
 
 transformers = pytest.importorskip("transformers")
 from test_llm import logits, tiny  # noqa: E402
@@ -37,6 +43,21 @@ def test_perplexity_equals_the_mean_loss_of_hugging_face():
         expected = torch.exp(torch.stack([model(w[None], labels=w[None]).loss
                                           for w in windows]).mean())
     assert perplexity(model, windows, batch_size=2) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_top1_agreement_of_a_model_with_itself_and_with_another():
+    model, other = tiny(seed=0), tiny(seed=1)
+    windows = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(4))
+    ppl, predictions = perplexity_and_predictions(model, windows, batch_size=2)
+    assert ppl == pytest.approx(perplexity(model, windows))
+    assert predictions.shape == (3, 11)
+    assert torch.equal(predictions, logits(model, windows)[:, :-1].argmax(-1))
+    assert top1_agreement(predictions, predictions) == 1.0
+    _, theirs = perplexity_and_predictions(other, windows)
+    share = float((theirs == predictions).float().mean())
+    assert top1_agreement(theirs, predictions) == pytest.approx(share) and share < 1.0
+    with pytest.raises(mf.FoldError, match="different windows"):
+        top1_agreement(theirs[:2], predictions)
 
 
 def _zero_mlp_channels(model, n_zero: int) -> None:

@@ -60,15 +60,23 @@ def pick_windows(windows: torch.Tensor, spec: str) -> torch.Tensor:
     raise FoldError(f"window set {spec!r}: use all, head:N, tail:N or mid:N.")
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
                device: str | torch.device | None = None) -> float:
     """exp(mean NLL) of `model` over the predicted tokens of `windows` (N, L)."""
+    return perplexity_and_predictions(model, windows, batch_size=batch_size, device=device)[0]
+
+
+@torch.no_grad()
+def perplexity_and_predictions(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
+                               device: str | torch.device | None = None
+                               ) -> tuple[float, torch.Tensor]:
+    """(perplexity, next-token top-1 predictions (N, L - 1)) of `model` over `windows`, in one
+    pass; `top1_agreement` compares the predictions of two models."""
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
+    nll, count, predictions = 0.0, 0, []
     try:
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start: start + batch_size].to(device)
@@ -76,9 +84,18 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
             nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                          batch[:, 1:].reshape(-1), reduction="sum"))
             count += batch[:, 1:].numel()
+            predictions.append(logits.argmax(-1).cpu())
     finally:
         model.train(was_training)
-    return math.exp(nll / count)
+    return math.exp(nll / count), torch.cat(predictions)
+
+
+def top1_agreement(predictions: torch.Tensor, reference: torch.Tensor) -> float:
+    """Share of positions where two models predict the same next token."""
+    if predictions.shape != reference.shape:
+        raise FoldError(f"predictions of shape {tuple(predictions.shape)} and "
+                        f"{tuple(reference.shape)} cover different windows.")
+    return float((predictions == reference).float().mean())
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
