@@ -116,8 +116,7 @@ def _pair_assign(
     else:
         # (n, k) layout throughout: torch's min over dim 1 is far faster than over dim 0.
         n, k = pair.shape[0], seeds.numel()
-        sums = torch.zeros(n, k, dtype=pair.dtype, device=pair.device).index_add_(1, members,
-                                                                                pair)
+        sums = pair @ _one_hot(members, k, pair.dtype)
         inv = torch.bincount(members, minlength=k).clamp_min_(1).to(pair.dtype).reciprocal_()
         own = sums.gather(1, members[:, None]).squeeze(1)
         spread = torch.zeros(k, dtype=pair.dtype, device=pair.device).index_add_(0, members,
@@ -158,7 +157,7 @@ def _lloyd(
             break
         previous = labels
         counts = torch.bincount(labels, minlength=k)
-        new = torch.zeros_like(centers).index_add_(0, labels, x)
+        new = _one_hot(labels, k, x.dtype).T @ x
         reseeded = {}
         empty = counts == 0
         if bool(empty.any()):  # re-seed empty clusters with the worst-fitted points
@@ -233,8 +232,15 @@ def _centroids(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Ten
                                                                         torch.Tensor]:
     """(k, d) cluster means and (k,) cluster sizes (all clusters non-empty)."""
     counts = torch.bincount(labels, minlength=k).to(x.dtype)
-    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
-    return sums / counts[:, None], counts
+    return (_one_hot(labels, k, x.dtype).T @ x) / counts[:, None], counts
+
+
+def _one_hot(labels: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n, k) membership matrix. Cluster sums as a matrix product instead of `index_add_`:
+    a scatter along columns is single-threaded and was most of a ResNet18 fold's time, and a
+    product is deterministic on CUDA, where `index_add_` uses atomics."""
+    out = torch.zeros(labels.numel(), k, dtype=dtype, device=labels.device)
+    return out.scatter_(1, labels[:, None], 1.0)
 
 
 def _inertia(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
