@@ -115,7 +115,7 @@ def _pair_assign(
         d = pair.index_select(1, seeds)
     else:
         # (n, k) layout throughout: torch's min over dim 1 is far faster than over dim 0.
-        n, k = pair.shape[0], seeds.numel()
+        k = seeds.numel()
         sums = pair @ _one_hot(members, k, pair.dtype)
         inv = torch.bincount(members, minlength=k).clamp_min_(1).to(pair.dtype).reciprocal_()
         own = sums.gather(1, members[:, None]).squeeze(1)
