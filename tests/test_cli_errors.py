@@ -565,6 +565,9 @@ def test_summary_prints_macs_before_and_after(folders):
     macs = [line for line in result.output.splitlines() if line.startswith("MACs")]
     assert len(macs) == 1 and re.search(r"\d[\d,]* +-> +\d[\d,]*", macs[0]), macs
     assert re.search(r"MACs\s*:\s*->", result.output) is None
+    timed = invoke(["summary", folders["cnn"], "--latency"])
+    assert timed.exit_code == 0, timed.output
+    assert re.search(r"latency +: [\d.]+ ms -> [\d.]+ ms +\([\d.]+x faster\)", timed.output)
 
 
 @pytest.mark.parametrize(("command", "api", "cli"), [

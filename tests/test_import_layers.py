@@ -23,8 +23,9 @@ SRC = Path(__file__).parent.parent / "src" / PACKAGE
 
 LAYERS: list[set[str]] = [
     # foundation: errors, records, folder files, the name -> strategy registry, cache folders,
-    # the MAC counter
-    {"errors", "version", "record", "files", "registry", "cache", "_optional", "macs"},
+    # the MAC counter and latency timer
+    {"errors", "version", "record", "files", "registry", "cache", "_optional", "macs",
+     "latency"},
     {"data", "zoo"},  # datasets and model definitions
     {"graph"},  # channel groups and the per-layer rules they are made of
     {"cluster"},

@@ -110,6 +110,37 @@ def test_summary_counts_the_macs_of_conv_subclasses():
     assert s.macs_after == 64 * (8 * 3 * 9 + 8 * 8 * 9 + 4 * 8 * 9)
 
 
+def test_summary_times_both_models_when_asked(monkeypatch):
+    """latency=True times the model and the folded model on the example input (each through
+    `median_latency`: the right model, the right input, the asked number of runs)."""
+    import importlib
+
+    from modelfold.latency import median_latency
+
+    summary_module = importlib.import_module("modelfold.summary")  # not the function
+
+    model = same_conv_net()
+    x = torch.randn(2, 3, 8, 8)
+    folded = mf.fold(model, x, ratio=0.5)
+    assert summary(model, folded, x).latency_after_s is None  # not timed unless asked
+    timed = []
+
+    def fake(m, inputs, *, runs):
+        timed.append((m, inputs, runs))
+        return 0.004 if m is model else 0.002
+
+    monkeypatch.setattr(summary_module, "median_latency", fake)
+    s = summary(model, folded, x, latency=True, runs=7)
+    assert [(m, i is x, r) for m, i, r in timed] == [(folded, True, 7), (model, True, 7)]
+    assert s.speedup == pytest.approx(2.0)
+    assert "4.000 ms -> 2.000 ms  (2.00x faster)" in str(s)
+    assert s.to_dict()["latency_after_s"] == 0.002
+    with pytest.raises(mf.FoldError, match="runs"):
+        summary(model, folded, x, latency=True, runs=0)
+    monkeypatch.undo()  # the real timer: positive medians, inputs given as a tuple too
+    assert median_latency(folded, (x,), runs=2) > 0
+
+
 # ---------------------------------------------------------------- target_macs
 
 

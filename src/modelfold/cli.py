@@ -395,9 +395,12 @@ def _unfolded(folded, folder: Path, trust_factory: bool):
 @app.command()
 def summary(
     folder: Annotated[Path, typer.Argument(help="Folder written by `modelfold fold`.")],
+    latency: Annotated[bool, typer.Option(
+        help="Also time both models on the recorded example input (median of 20 runs).")]
+    = False,
     trust_factory: TrustFactory = False,
 ) -> None:
-    """Print parameters, MACs and every channel group n -> k of a folded model."""
+    """Print parameters, MACs (and latency) and every channel group n -> k of a folded model."""
     import modelfold as mf
     from modelfold.record import get_llm_record, get_record
 
@@ -406,7 +409,8 @@ def summary(
         params = sum(p.numel() for p in {id(p): p for p in folded.parameters()}.values())
         typer.echo(f"parameters : {params:>14,}  (an unfolded model: no fold record)")
         return
-    typer.echo(str(mf.summary(_unfolded(folded, folder, trust_factory), folded)))
+    typer.echo(str(mf.summary(_unfolded(folded, folder, trust_factory), folded,
+                              latency=latency)))
 
 
 @app.command()

@@ -80,7 +80,7 @@ def profile_macs(model: nn.Module, example_inputs: Any) -> MacProfile:
     try:
         with torch.no_grad(), _slow_attention(), FlopCounterMode(display=False,
                                                                   custom_mapping=mapping):
-            _call(model.eval(), example_inputs)
+            run_model(model.eval(), example_inputs)
     finally:
         for h in handles:
             h.remove()
@@ -89,7 +89,9 @@ def profile_macs(model: nn.Module, example_inputs: Any) -> MacProfile:
     return profile
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
+def run_model(model: nn.Module, inputs: Any) -> Any:
+    """`model` called on example inputs: a dict as keywords, a tuple / list as positional
+    arguments, anything else as the one argument."""
     if isinstance(inputs, dict):
         return model(**inputs)
     return model(*inputs) if isinstance(inputs, (list, tuple)) else model(inputs)

@@ -1,6 +1,8 @@
 """`summary(model, folded)`: parameters, MACs and every group n -> k, side by side.
 
-MACs are counted on the aten ops of one forward pass (`modelfold.macs.count_macs`)."""
+MACs are counted on the aten ops of one forward pass (`modelfold.macs.count_macs`); with
+`latency=True` both models are also timed on the example input (median of repeated runs, on
+the device the models sit on)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from modelfold.errors import FoldError
+from modelfold.latency import median_latency
 from modelfold.macs import count_macs
 from modelfold.record import GroupInfo, LLMFoldRecord, get_llm_record, get_record, inputs_from_spec
 
@@ -25,6 +28,15 @@ class FoldSummary:
     macs_after: int | None
     ratio: float
     groups: list[GroupInfo]
+    latency_before_s: float | None = None
+    latency_after_s: float | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        """Measured latency before / after (None unless measured)."""
+        if not self.latency_before_s or not self.latency_after_s:
+            return None
+        return self.latency_before_s / self.latency_after_s
 
     @property
     def sparsity(self) -> float:
@@ -42,6 +54,7 @@ class FoldSummary:
             "params_before": self.params_before, "params_after": self.params_after,
             "sparsity": self.sparsity, "macs_before": self.macs_before,
             "macs_after": self.macs_after, "ratio": self.ratio,
+            "latency_before_s": self.latency_before_s, "latency_after_s": self.latency_after_s,
             "groups": [vars(g) for g in self.groups],
         }
 
@@ -56,6 +69,11 @@ class FoldSummary:
                          + (f"  ({removed:.1%} removed)" if removed is not None else ""))
         elif self.macs_after is not None:  # the unfolded model's MACs are unknown
             lines.append(f"MACs after : {self.macs_after:>14,}")
+        if self.latency_after_s is not None:
+            after = f"{self.latency_after_s * 1e3:.3f} ms"
+            lines.append(f"latency    : {self.latency_before_s * 1e3:.3f} ms -> {after}  "
+                         f"({self.speedup:.2f}x faster)" if self.speedup is not None
+                         else f"latency after : {after}")
         lines.append(f"ratio      : {self.ratio:.4f}")
         width = max([len(g.name) for g in self.groups] + [5])
         lines.append(f"{'group':<{width}}  {'kind':<8}  {'n':>6} -> {'k':<6} {'status':<8} modules")
@@ -72,10 +90,18 @@ class FoldSummary:
 
 
 def summary(
-    model: nn.Module | None, folded: nn.Module, example_inputs: Any = None
+    model: nn.Module | None, folded: nn.Module, example_inputs: Any = None, *,
+    latency: bool = False, runs: int = 20,
 ) -> FoldSummary:
-    """Compare a model with its folded version (`model` may be None after `load`)."""
+    """Compare a model with its folded version (`model` may be None after `load`).
+
+    `latency=True` also times a forward pass of both models on the example input (median of
+    `runs`, after one warm-up run) on the device they are on."""
     llm = get_llm_record(folded)
+    if llm is not None and latency:
+        raise FoldError("summary(latency=True) times graph-path folds on their example input; "
+                        "an LLM's latency depends on the sequence length: time it with "
+                        "modelfold.latency.median_latency on token ids.")
     if llm is not None:
         return _llm_summary(llm, folded)
     record = get_record(folded)
@@ -97,8 +123,15 @@ def summary(
     params_before = (sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
                      if model is not None else record.params_before)
     params_after = sum(p.numel() for p in {id(p): p for p in folded.parameters()}.values())
-    return FoldSummary(params_before, params_after, macs_before, macs_after, record.ratio,
-                       record.groups)
+    result = FoldSummary(params_before, params_after, macs_before, macs_after, record.ratio,
+                         record.groups)
+    if latency:
+        if runs < 1:
+            raise FoldError(f"summary: `runs` must be at least 1, got {runs}.")
+        result.latency_after_s = median_latency(folded, example_inputs, runs=runs)
+        if model is not None:
+            result.latency_before_s = median_latency(model, example_inputs, runs=runs)
+    return result
 
 
 MAX_EXAMPLE_ELEMENTS = 1 << 28  # zeros built from a fold record to count MACs on
