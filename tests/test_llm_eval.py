@@ -126,13 +126,17 @@ def _taylor_by_hand(model, windows, second_order: bool):
 @pytest.mark.parametrize("second_order", [False, True])
 @pytest.mark.parametrize("kv", [2, 4])
 def test_llm_pruner_scores_equal_a_hand_computation(second_order, kv):
-    model = tiny(num_hidden_layers=1, kv=kv)
+    model = tiny(num_hidden_layers=1, kv=kv, initializer_range=0.5)  # a visible Fisher term
     calibration = torch.randint(0, 128, (12, 70), generator=torch.Generator().manual_seed(2))
     scores = taylor_scores(model, architecture_of(model), calibration,
                            second_order=second_order, batch_size=3)
     channel, head = _taylor_by_hand(model, calibration[:10, :64], second_order)  # the defaults
     torch.testing.assert_close(scores[(0, "mlp")], channel, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(scores[(0, "attention")], head, rtol=1e-4, atol=1e-9)
+    if second_order:  # Element^2 is told apart from Element^1 at this tolerance
+        first = _taylor_by_hand(model, calibration[:10, :64], False)
+        assert not torch.allclose(first[0], channel, rtol=1e-3)
+        assert not torch.allclose(first[1], head, rtol=1e-3)
 
 
 @pytest.mark.parametrize("method", ["llm-pruner", "llm-pruner-e2"])
