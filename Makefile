@@ -5,7 +5,7 @@
 #   make test   lint + the test suite
 #   make bench  the CNN benchmark (benchmarks/cnn_sweep.py paper-cnn; cached checkpoints)
 #   make bench-beyond  data-free folding beyond the paper (Hartigan, debiased Fold-DIR, allocation)
-#   make bench-llm  SmolLM2-135M perplexity: folding vs magnitude vs Wanda-sp vs FLAP
+#   make bench-llm  SmolLM2-135M perplexity: folding vs magnitude, Wanda-sp, FLAP, LLM-Pruner
 #   make bench-real  data-free folding on real pretrained models (MobileNetV2, Keras CNN, MiniLM)
 #   make bench-export  SmolLM2-135M folds exported to GGUF (f16, Q8_0, Q4_K_M) and run in llama.cpp
 #               (builds llama-cpp-python 0.3.36 from the sdist once: ~14 min on 2 cores, then cached)

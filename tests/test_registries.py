@@ -85,9 +85,11 @@ def test_validate_accepts_exactly_the_registered_names(cls, field, names):
 
 
 def test_llm_pruning_methods_come_from_the_registry():
-    assert llm_pruning_methods() == LLM_PRUNING.names() == ["flap", "magnitude", "wanda-sp"]
-    with pytest.raises(mf.FoldError, match=r"registered: \['flap', 'magnitude', 'wanda-sp'\]"):
-        LLM_PRUNING.get("llm-pruner")
+    names = ["flap", "llm-pruner", "llm-pruner-e2", "magnitude", "wanda-sp"]
+    assert llm_pruning_methods() == LLM_PRUNING.names() == names
+    with pytest.raises(mf.FoldError, match=r"registered: \['flap', 'llm-pruner', 'llm-pruner-e2', "
+                       r"'magnitude', 'wanda-sp'\]"):
+        LLM_PRUNING.get("sparsegpt")
 
 
 def test_fold_dispatches_on_the_config_type():

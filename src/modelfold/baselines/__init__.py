@@ -2,7 +2,7 @@
 
 CNN / graph models: SP-L1 / SP-L2 (`magnitude_prune`), `ifm`, `inn`, `neuron_merging`,
 `intra_fusion`, all through `modelfold.baselines.driver.compress`. LLMs: `prune_llm`
-(magnitude, Wanda-sp, FLAP).
+(magnitude, Wanda-sp, FLAP, LLM-Pruner without post-tuning).
 """
 
 from modelfold.baselines.ifm import ifm

@@ -15,12 +15,36 @@
   compensation; the config's `mlp_bias` / `attention_bias` is switched on, the other biases are
   zero, so the result still saves and reloads; these biases are outside the budget, ~0.1 % of a
   real model). Heads only with multi-head attention, as FLAP; LLaMA configs only.
+- "llm-pruner" / "llm-pruner-e2" (data-driven; Ma et al., "LLM-Pruner: On the Structural Pruning
+  of Large Language Models", NeurIPS 2023, block-wise mode, without the LoRA post-tuning): the
+  importance of a coupled group - an MLP channel (its gate and up rows and down column) or a query
+  head (its q rows and o columns, plus its k and v rows with multi-head attention) - is the sum
+  over the group's weights of a Taylor estimate of the loss change when the weight is zeroed,
+  from gradients of the language-modelling loss on the first 10 calibration windows cut to 64
+  tokens (the official defaults `num_examples=10`, `seq_len=64`, `grouping_strategy="sum"`).
+  "llm-pruner" is Element^1, |w * dL/dw| (`--taylor param_first`, the current default of the
+  official `hf_prune.py` and what its example scripts use); "llm-pruner-e2" is Element^2,
+  |w * g - 1/2 * w^2 * F| with the diagonal Fisher F = mean_j (dL_j/dw)^2 over the windows j, one
+  backward pass each (`param_mix`). Gradients are taken in float32 (a float32 copy of a model in
+  another dtype), in eval mode, with `torch.autograd.grad`: the model's weights, `.grad` and
+  `requires_grad` are left as they were. Differences to the official code: (1) every layer is
+  pruned at the same ratio through the shared budget planning (`ratio` / `target_sparsity` /
+  `recipe`); LLM-Pruner skips the first and last layers (`block_*_layer_start/end`, 3..31 by
+  default, 4..30 in its LLaMA-7B script) and prunes the others at a higher ratio;
+  (2) with grouped-query attention query heads are removed within each KV group (the KV heads
+  stay, so `num_attention_heads` stays a multiple of `num_key_value_heads`) and a head scores its
+  q rows and o columns only; LLM-Pruner's Llama-3 script removes whole KV groups instead;
+  (3) calibration is whatever windows are given (the benchmark: wikitext from the start of its
+  text), not random 64-token spans of BookCorpus documents; (4) q/k/v biases (Qwen2) are removed
+  with their rows but, as in LLM-Pruner (weights only), not scored; (5) one shot: LLM-Pruner's
+  `iterative_steps=1` default, no post-training.
 The top-k channels / heads are kept in their original order (per KV group with GQA); the layers
 are rebuilt by the same code as folding (`modelfold.llm.fold.transform_llm`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -66,9 +90,10 @@ def prune_llm(
 
     `round_to`: kept MLP widths are rounded to multiples of it (as `FoldConfig.round_to`).
 
-    `calibration`: (N, L) token windows, required by "wanda-sp" and "flap" unless `statistics`
-    (the output of `input_norms` for wanda-sp, `input_moments` for flap, computed on the same
-    model and reusable across budgets) is given.
+    `calibration`: (N, L) token windows, required by "wanda-sp", "flap" and "llm-pruner(-e2)"
+    unless `statistics` (the output of `input_norms` for wanda-sp, `input_moments` for flap,
+    `taylor_scores` for llm-pruner, computed on the same model and reusable across budgets) is
+    given. LLM-Pruner reads the first 10 windows, cut to 64 tokens.
     """
     prune = LLM_PRUNING.get(method)
     arch = architecture_of(model)
@@ -117,15 +142,124 @@ def _flap_method(model: nn.Module, arch: DecoderArchitecture, *, ratio, target_s
     return _flap(model, arch, moments, target_sparsity, tuple(parts), inplace)
 
 
+def _llm_pruner(name: str, second_order: bool, model: nn.Module, arch: DecoderArchitecture, *,
+                ratio, target_sparsity, parts, recipe, calibration, statistics, batch_size,
+                inplace, round_to) -> nn.Module:
+    scores = statistics
+    if scores is None:
+        if calibration is None:
+            raise FoldError(f"{name} needs `calibration`: token windows (N, L) of real text "
+                            "(it reads the first 10, cut to 64 tokens).")
+        scores = taylor_scores(model, arch, calibration, second_order=second_order,
+                               batch_size=batch_size)
+    return transform_llm(model, _score_selector(scores), ratio=ratio,
+                         target_sparsity=target_sparsity, parts=parts, recipe=recipe,
+                         inplace=inplace, method=name,
+                         settings={"method": name, "round_to": round_to}, round_to=round_to)
+
+
+@register_llm_pruning("llm-pruner")
+def _llm_pruner_e1(model: nn.Module, arch: DecoderArchitecture, **kw: Any) -> nn.Module:
+    """LLM-Pruner, Element^1: sum over the group of |w * dL/dw| (`taylor_scores`)."""
+    return _llm_pruner("llm-pruner", False, model, arch, **_pruner_options(kw))
+
+
+@register_llm_pruning("llm-pruner-e2")
+def _llm_pruner_e2(model: nn.Module, arch: DecoderArchitecture, **kw: Any) -> nn.Module:
+    """LLM-Pruner, Element^2: sum over the group of |w g - w^2 F / 2| (`taylor_scores`)."""
+    return _llm_pruner("llm-pruner-e2", True, model, arch, **_pruner_options(kw))
+
+
+def _pruner_options(kw: dict[str, Any]) -> dict[str, Any]:
+    names = ("ratio", "target_sparsity", "parts", "recipe", "calibration", "statistics",
+             "batch_size", "inplace", "round_to")
+    return {n: kw[n] for n in names}
+
+
+def _check_windows(calibration: torch.Tensor) -> torch.Tensor:
+    calibration = torch.as_tensor(calibration)
+    if calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int):
+        raise FoldError(f"calibration must be integer token windows (N, L), got "
+                        f"{tuple(calibration.shape)} {calibration.dtype}.")
+    return calibration
+
+
+def _lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the windows (Hugging Face's `labels=ids` loss)."""
+    logits = model(ids).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             ids[:, 1:].reshape(-1))
+
+
+def taylor_scores(model: nn.Module, arch: DecoderArchitecture, calibration: torch.Tensor, *,
+                  second_order: bool = False, batch_size: int = 4, samples: int = 10,
+                  tokens: int = 64) -> dict[tuple[int, str], torch.Tensor]:
+    """LLM-Pruner's group importance of every MLP channel ((layer, "mlp") -> (intermediate,))
+    and query head ((layer, "attention") -> (n_heads,)), from the first `samples` windows of
+    `calibration` cut to `tokens` tokens (see the module docstring). The model is not changed."""
+    windows = _check_windows(calibration)[:samples, :tokens]
+    if windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise FoldError("llm-pruner needs at least one calibration window of 2+ tokens.")
+    work = model
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        work = copy.deepcopy(model).float()  # gradients in float32; the model stays as it is
+    layers = arch.layers(work)
+    weights: list[nn.Parameter] = []
+    for layer in layers:
+        attn = arch.attention_module(layer)
+        weights += [m.weight for m in arch.mlp_linears(layer)]
+        weights += [getattr(attn, getattr(arch, n)).weight for n in ("q", "k", "v", "o")]
+    flags = [w.requires_grad for w in weights]
+    was_training = work.training
+    windows = windows.to(weights[0].device)
+    n = windows.shape[0]
+    grad = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    fisher = [torch.zeros_like(g) for g in grad] if second_order else []
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        work.eval()
+        with torch.enable_grad():
+            for start in range(0, n, batch_size):  # the gradient of the mean loss over all n
+                chunk = windows[start: start + batch_size]
+                loss = _lm_loss(work, chunk) * (chunk.shape[0] / n)
+                for acc, g in zip(grad, torch.autograd.grad(loss, weights)):
+                    acc += g
+            for j in range(n if second_order else 0):  # Fisher: per-window squared gradients
+                for acc, g in zip(fisher, torch.autograd.grad(_lm_loss(work, windows[j:j + 1]),
+                                                              weights)):
+                    acc += g * g / n
+    finally:
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+        work.train(was_training)
+
+    def importance(k: int) -> torch.Tensor:  # |Taylor estimate| per weight
+        w = weights[k].detach().float()
+        salience = w * grad[k]
+        if second_order:
+            salience = salience - 0.5 * w * w * fisher[k]
+        return salience.abs()
+
+    scores: dict[tuple[int, str], torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        gate, up, down, q, k, v, o = (importance(7 * i + t) for t in range(7))
+        scores[(i, "mlp")] = (gate.sum(1) + up.sum(1) + down.sum(0)).cpu()
+        hd = arch.attention_module(layer).head_dim
+        n_q, n_kv = q.shape[0] // hd, k.shape[0] // hd
+        head = q.reshape(n_q, -1).sum(1) + o.sum(0).view(n_q, hd).sum(1)
+        if n_q == n_kv:  # multi-head attention: the head's k and v rows go with it
+            head = head + k.reshape(n_kv, -1).sum(1) + v.reshape(n_kv, -1).sum(1)
+        scores[(i, "attention")] = head.cpu()
+    return scores
+
+
 @torch.no_grad()
 def input_moments(model: nn.Module, arch: DecoderArchitecture, calibration: torch.Tensor, *,
                   batch_size: int = 4) -> dict[tuple[int, str], tuple[torch.Tensor, ...]]:
     """(sum, sum of squares, token count) per input channel of every `down_proj` ("mlp") and
     `o_proj` ("attention"), float64, from one forward pass of the model over `calibration`."""
-    calibration = torch.as_tensor(calibration)
-    if calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int):
-        raise FoldError(f"calibration must be integer token windows (N, L), got "
-                        f"{tuple(calibration.shape)} {calibration.dtype}.")
+    calibration = _check_windows(calibration)
     moments: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
     hooks = []
     for i, layer in enumerate(arch.layers(model)):
@@ -182,13 +316,30 @@ def _selector(norms: dict[tuple[int, str], torch.Tensor] | None):
             o = getattr(attn, arch.o).weight.float()
             per_column = o.abs().sum(0) * norms[(index, "attention")]
             score = per_column.view(n_q, -1).sum(1)
-        score = score.cpu()
-        if n_q == n_kv:
-            return selection_maps(torch.topk(score, k).indices, n_q)
-        m, per_group = n_q // n_kv, k // n_kv
-        keep = torch.cat([g * m + torch.topk(score[g * m:(g + 1) * m], per_group).indices
-                          for g in range(n_kv)])
-        return selection_maps(keep, n_q)
+        return _keep_heads(score.cpu(), n_kv, k)
+
+    return select
+
+
+def _keep_heads(score: torch.Tensor, n_kv: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` best query heads, `k / n_kv` per KV group with grouped-query attention."""
+    n_q = score.numel()
+    if n_q == n_kv:
+        return selection_maps(torch.topk(score, k).indices, n_q)
+    m, per_group = n_q // n_kv, k // n_kv
+    keep = torch.cat([g * m + torch.topk(score[g * m:(g + 1) * m], per_group).indices
+                      for g in range(n_kv)])
+    return selection_maps(keep, n_q)
+
+
+def _score_selector(scores: dict[tuple[int, str], torch.Tensor]):
+    """Keeps the top-scoring channels / heads of precomputed per-layer `scores`."""
+    def select(part: str, index: int, layer: nn.Module, arch: DecoderArchitecture, k: int):
+        score = scores[(index, part)].cpu()
+        if part == "mlp":
+            return selection_maps(torch.topk(score, k).indices, score.numel())
+        attn = arch.attention_module(layer)
+        return _keep_heads(score, getattr(attn, arch.k).weight.shape[0] // attn.head_dim, k)
 
     return select
 
