@@ -346,7 +346,8 @@ def sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.
                      resident: Callable[[int], AbstractContextManager] | None = None
                      ) -> list[int]:
     """Layers whose relative MLP output error at the planned kept counts (activation centres
-    only, no merge) exceeds `factor` x the median over the layers being folded. `resident(i)`
+    only, no merge) exceeds `factor` x the median over the layers being folded, the most
+    sensitive first. `resident(i)`
     holds layer i's weights while it is measured (see `LLMFoldContext`)."""
     resident = resident or (lambda _index: contextlib.nullcontext())
     stepper = LayerStepper(model, arch, tokens)
@@ -359,7 +360,8 @@ def sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.
     if len(errors) < 3:
         return []
     median = float(torch.tensor(list(errors.values())).median())
-    return [i for i, e in errors.items() if e > factor * median]
+    return sorted((i for i, e in errors.items() if e > factor * median),
+                  key=lambda i: -errors[i])
 
 
 def _centre_only_error(stepper: LayerStepper, index: int, layer: nn.Module,
