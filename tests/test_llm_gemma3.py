@@ -112,6 +112,19 @@ def test_self_calibrated_fold_runs_from_the_bos_token_and_beats_weight_folding(t
                                rtol=1e-4)
 
 
+def test_streamed_self_calibrated_fold_equals_the_in_memory_one(tmp_path):
+    """fold_checkpoint builds the model with meta decoder layers: the rotary tables of both
+    layer kinds (sliding, full) must still be built."""
+    from modelfold.llm.stream import fold_checkpoint
+
+    model = tiny("gemma3")
+    model.save_pretrained(tmp_path / "src")
+    config = mf.LLMFoldConfig(ratio=0.3, self_calibrate=True)
+    fold_checkpoint(tmp_path / "src", tmp_path / "out", config=config)
+    torch.testing.assert_close(logits(mf.load(tmp_path / "out"), IDS_LONG),
+                               logits(mf.fold(model, None, config), IDS_LONG), atol=0, rtol=0)
+
+
 # ---------------------------------------------------------------- the real Gemma 3 270M
 
 
