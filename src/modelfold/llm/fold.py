@@ -211,8 +211,17 @@ def protect_sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens
     # a quarter of the text (512 tokens by default): it only has to single out outlier layers
     protected = sensitive_layers(model, arch, tokens[: max(1, tokens.shape[0] // 4)], kept,
                                  resident=resident)
-    return with_mlp_widths(model, arch, plan, dict(enumerate(
-        protect(kept, widths, protected, round_to))))
+    # at large budgets the other layers cannot absorb every sensitive layer's channels: protect
+    # the most sensitive ones that fit
+    while protected:
+        try:
+            new = protect(kept, widths, protected, round_to)
+            break
+        except FoldError:
+            protected = protected[:-1]
+    else:
+        new = kept
+    return with_mlp_widths(model, arch, plan, dict(enumerate(new)))
 
 
 def transform_llm(

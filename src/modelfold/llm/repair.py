@@ -8,16 +8,17 @@ in ordinary use, the first token of every sequence is a plain text token (the at
 output of the layers already folded, and per SwiGLU MLP:
 
 * `clusterer="activation"`: the channels' outputs z_j d_j^T are compared on the calibration
-  tokens, each token weighted by 1 / ||h_t||^2 (h_t = the residual stream after the layer), so
+  tokens, each token weighted by 1 / ||h_t||^2 (h_t = the residual stream after the layer; with
+  a post-MLP norm, as in Gemma, times that norm's per-token gain, see `layer_activations`), so
   that the few massive-activation tokens do not decide alone. The k channels with the largest
   weighted contribution sqrt(E_j) ||d_j|| are the cluster centres, E_j being the channel's mean
   squared output on the text, averaged half and half (SYNTHETIC_SHARE) with its expectation
   under Gaussian inputs of the same second moments (`gaussian_energy`: a short text on a few
   topics leaves channels idle that other text uses; the Gaussian stands in for that text); every
   other channel joins the centre its activation is most correlated with, and folds into it: the
-  centre keeps its gate/up rows and its down column absorbs alpha_j d_j with
-  alpha_j = G_jc / G_cc (least-squares scale of z_j on z_c). Merging mean gate/up rows, as weight
-  clustering does, would create a new channel whose SwiGLU output none of the members had.
+  centre keeps its gate/up rows and its down column absorbs alpha_j d_j with alpha_j = G_jc /
+  G_cc (least-squares scale of z_j on z_c). Merging mean gate/up rows, as weight clustering
+  does, would create a new channel whose SwiGLU output none of the members had.
 * `repair="self_generated"` (any clusterer): the folded down projection D_f is refitted by
   weighted ridge least squares towards the original layer's output, shrunk towards the merge:
       D' = argmin ||W^1/2 (Z D_o^T - B D'^T)||^2 + lam * mean(diag(B_w^T B_w)) * ||D' - D_f||^2
@@ -83,34 +84,53 @@ def self_generated_tokens(model: nn.Module, *, sequences: int | None = None,
     return out[:, 1:]
 
 
+class _Catcher(nn.Module):
+    """Stands in for decoder layer `index` during the catching pass: records the keyword
+    arguments the model passes to that layer (and, for layer 0, the hidden states) and returns
+    its input unchanged, so the layer itself never runs."""
+
+    def __init__(self, index: int, got: dict, last: bool):
+        super().__init__()
+        self.index, self.got, self.last = index, got, last
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if self.index == 0:
+            self.got["h"] = hidden
+        self.got["kwargs"][self.index] = kwargs
+        if self.last:
+            raise _Captured
+        return hidden
+
+
 class LayerStepper:
     """Runs a decoder one layer at a time on fixed tokens (the GPTQ-style 'catcher'): the
-    hidden states and keyword arguments (rotary embeddings, mask) entering layer 0 are captured
-    once; `mlp_input` returns a layer's MLP input and the residual stream before its MLP."""
+    hidden states entering layer 0 and the keyword arguments of *every* layer (rotary
+    embeddings, mask: they differ between layers where sliding-window and full-attention layers
+    alternate, e.g. Gemma 3) are captured once, in one pass in which every decoder layer is
+    replaced by a pass-through (no layer runs, no cache is kept); `mlp_input` returns a layer's
+    MLP input and the residual stream before its MLP."""
 
     def __init__(self, model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor):
         self.arch, self.layers = arch, list(arch.layers(model))
-        got: dict = {}
-
-        def catch(_module, args, kwargs):
-            got["h"] = args[0] if args else kwargs.pop("hidden_states")
-            got["kwargs"] = kwargs
-            raise _Captured
-
-        handle = self.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        got: dict = {"kwargs": {}}
+        modules = arch.layers(model)
+        for i in range(len(modules)):
+            modules[i] = _Catcher(i, got, last=i == len(modules) - 1)
         try:
-            model(tokens.to(next(model.parameters()).device))
+            model(tokens.to(_device(model)), use_cache=False)
         except _Captured:
             pass
         finally:
-            handle.remove()
-        if "h" not in got:
-            raise FoldError(f"{type(model).__name__}: the first decoder layer was never called.")
-        self.hidden, self.kwargs, self.index = got["h"], got["kwargs"], 0
+            for i, layer in enumerate(self.layers):
+                modules[i] = layer
+        if len(got["kwargs"]) != len(self.layers):
+            raise FoldError(f"{type(model).__name__}: the decoder layers were not all called.")
+        self.hidden, self.layer_kwargs, self.index = got["h"], got["kwargs"], 0
         self._mlp_only: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def _run(self, layer: nn.Module) -> torch.Tensor:
-        out = layer(self.hidden, **self.kwargs)
+        out = layer(self.hidden, **self.layer_kwargs[self.index])
         return out[0] if isinstance(out, tuple) else out
 
     def attention_changed(self, index: int) -> None:
@@ -121,9 +141,10 @@ class LayerStepper:
     def _advance(self) -> None:
         layer = self.layers[self.index]
         if self._mlp_only is not None and self._mlp_only[0] == self.index:
-            # only the MLP changed since the capture: the layer output is residual + MLP(x)
+            # only the MLP changed since the capture: the layer output is
+            # residual + post_norm(MLP(x)) (no post-MLP norm: residual + MLP(x))
             _, x, residual = self._mlp_only
-            out = residual + layer.get_submodule(self.arch.mlp)(x)
+            out = residual + mlp_output(layer, self.arch, x)
             self.hidden = out.reshape(self.hidden.shape)
         else:
             self.hidden = self._run(layer)
@@ -138,10 +159,10 @@ class LayerStepper:
 
     def mlp_input(self, index: int, layer: nn.Module | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, residual): layer `index`'s MLP input and the stream it is added to, both
-        (tokens, hidden). `layer` replaces the decoder's layer `index` from now on (the folded
-        copy, rebuilt in place after this call); the layers before `index` run as they are
-        now, i.e. already folded."""
+        """(x, residual): layer `index`'s MLP input and the stream its (post-normed) output is
+        added to, both (tokens, hidden). `layer` replaces the decoder's layer `index` from now
+        on (the folded copy, rebuilt in place after this call); the layers before `index` run
+        as they are now, i.e. already folded."""
         if index < self.index:
             raise FoldError(f"layer {index} was asked for after layer {self.index}: calibrated "
                             "folding visits the layers in order.")
@@ -161,9 +182,13 @@ class LayerStepper:
 
         mlp = layer.get_submodule(self.arch.mlp)
         handles = [mlp.register_forward_pre_hook(catch)]
-        norm = _pre_mlp_norm(layer)
-        if norm is not None:
-            handles.append(norm.register_forward_pre_hook(residual))
+        try:
+            norm = self.arch.mlp_norms(layer)[0]
+        except AttributeError as exc:
+            raise FoldError(f"layer {index}: no `{self.arch.pre_mlp_norm}` before the MLP; "
+                            "calibrated LLM folding needs the pre-norm residual layout (set "
+                            "the architecture's pre_mlp_norm).") from exc
+        handles.append(norm.register_forward_pre_hook(residual))
         try:
             self._run(layer)
         except _Captured:
@@ -173,21 +198,31 @@ class LayerStepper:
                 h.remove()
         x = got["x"].reshape(-1, got["x"].shape[-1])
         if "residual" not in got:
-            raise FoldError(f"layer {index}: no post-attention norm found before the MLP; "
-                            "calibrated LLM folding needs the pre-norm residual layout.")
+            raise FoldError(f"layer {index}: `{self.arch.pre_mlp_norm}` was not called before "
+                            "the MLP; calibrated LLM folding needs the pre-norm residual layout.")
         residual = got["residual"].reshape(x.shape[0], -1)
         self._mlp_only = (index, x, residual)
         return x, residual
 
 
-def _pre_mlp_norm(layer: nn.Module) -> nn.Module | None:
-    for name in ("post_attention_layernorm", "pre_feedforward_layernorm"):
-        if hasattr(layer, name):
-            return getattr(layer, name)
-    return None
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def post_mlp(layer: nn.Module, arch: DecoderArchitecture, out: torch.Tensor) -> torch.Tensor:
+    """What the residual stream receives from MLP output `out`: `out` itself, or `out` through
+    the architecture's post-MLP norm (Gemma)."""
+    post = arch.mlp_norms(layer)[1]
+    return out if post is None else post(out)
+
+
+def mlp_output(layer: nn.Module, arch: DecoderArchitecture, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's contribution to the residual stream for MLP input `x`."""
+    return post_mlp(layer, arch, layer.get_submodule(arch.mlp)(x))
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
+    """Gated MLP activations act(x G^T) * (x U^T): SwiGLU with SiLU, GeGLU with GELU."""
     return act(x @ gate.T) * (x @ up.T)
 
 
@@ -247,13 +282,23 @@ def layer_activations(stepper: LayerStepper, index: int, layer: nn.Module,
                       arch: DecoderArchitecture
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, z, output, weights) of `layer`'s MLP on the stepper's tokens (fp32): its input, its
-    SwiGLU activations, its output and the token weights 1 / ||residual + output||."""
+    gated activations, its output (before any post-MLP norm) and the token weights
+    gain_t / ||h_t||, h_t = residual + post_norm(output) the stream after the layer and
+    gain_t = ||post_norm(output_t)|| / ||output_t|| (1 without a post-MLP norm).
+
+    The refit target stays the MLP's own output: a post-MLP RMSNorm only rescales each token
+    (by gain_t, up to its per-dimension weight), so matching the pre-norm output matches what
+    the residual stream receives, and an error e_t before the norm reaches the stream scaled by
+    about gain_t; the weights therefore measure errors relative to the stream after the norm."""
     x, residual = stepper.mlp_input(index, layer)
     gate, up, down = (m.weight.float() for m in arch.mlp_linears(layer))
     x = x.to(gate.device, torch.float32)
     z = swiglu(x, gate, up, _activation_fn(layer, arch))
     out = z @ down.T
-    weights = (residual.to(z.device).float() + out).norm(dim=1).clamp_min(1e-6).reciprocal()
+    added = post_mlp(layer, arch, out).float()
+    gain = (added.norm(dim=1) / out.norm(dim=1).clamp_min(1e-12)
+            if arch.mlp_norms(layer)[1] is not None else 1.0)
+    weights = gain / (residual.to(z.device).float() + added).norm(dim=1).clamp_min(1e-6)
     return x, z, out, weights
 
 
@@ -301,7 +346,8 @@ def sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.
                      resident: Callable[[int], AbstractContextManager] | None = None
                      ) -> list[int]:
     """Layers whose relative MLP output error at the planned kept counts (activation centres
-    only, no merge) exceeds `factor` x the median over the layers being folded. `resident(i)`
+    only, no merge) exceeds `factor` x the median over the layers being folded, the most
+    sensitive first. `resident(i)`
     holds layer i's weights while it is measured (see `LLMFoldContext`)."""
     resident = resident or (lambda _index: contextlib.nullcontext())
     stepper = LayerStepper(model, arch, tokens)
@@ -314,7 +360,8 @@ def sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.
     if len(errors) < 3:
         return []
     median = float(torch.tensor(list(errors.values())).median())
-    return [i for i, e in errors.items() if e > factor * median]
+    return sorted((i for i, e in errors.items() if e > factor * median),
+                  key=lambda i: -errors[i])
 
 
 def _centre_only_error(stepper: LayerStepper, index: int, layer: nn.Module,

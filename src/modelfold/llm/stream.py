@@ -266,7 +266,8 @@ def _runnable_skeleton(src: Path, hf_config: Any, reader: _ShardReader,
     outer_config = copy.deepcopy(hf_config)
     outer_config.num_hidden_layers = 0  # everything but the decoder layers, built for real
     if isinstance(getattr(outer_config, "layer_types", None), list):
-        outer_config.layer_types = []
+        # one of each kind: per-kind tables (Gemma 3's sliding / full rotary) are still built
+        outer_config.layer_types = list(dict.fromkeys(outer_config.layer_types))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(outer_config, dtype=dtype)
         skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
