@@ -106,10 +106,17 @@ def prune_llm(
 def _magnitude(model: nn.Module, arch: DecoderArchitecture, *, ratio, target_sparsity, parts,
                recipe, inplace, round_to, **_: Any) -> nn.Module:
     """Data-free: the L2 norm of each channel's / head's weights."""
-    return transform_llm(model, _selector(None), ratio=ratio, target_sparsity=target_sparsity,
-                         parts=parts, recipe=recipe, inplace=inplace, method="magnitude",
-                         settings={"method": "magnitude", "round_to": round_to},
-                         round_to=round_to)
+    return _prune_with(model, _selector(None), "magnitude", ratio=ratio,
+                       target_sparsity=target_sparsity, parts=parts, recipe=recipe,
+                       inplace=inplace, round_to=round_to)
+
+
+def _prune_with(model: nn.Module, selector, method: str, *, ratio, target_sparsity, parts,
+                recipe, inplace, round_to) -> nn.Module:
+    """Keep the top-scoring channels / heads that `selector` picks, at the budget given."""
+    return transform_llm(model, selector, ratio=ratio, target_sparsity=target_sparsity,
+                         parts=parts, recipe=recipe, inplace=inplace, method=method,
+                         settings={"method": method, "round_to": round_to}, round_to=round_to)
 
 
 @register_llm_pruning("wanda-sp")
@@ -122,10 +129,9 @@ def _wanda_sp(model: nn.Module, arch: DecoderArchitecture, *, ratio, target_spar
         if calibration is None:
             raise FoldError("wanda-sp needs `calibration`: token windows (N, L) of real text.")
         norms = input_norms(model, arch, calibration, batch_size=batch_size)
-    return transform_llm(model, _selector(norms), ratio=ratio, target_sparsity=target_sparsity,
-                         parts=parts, recipe=recipe, inplace=inplace, method="wanda-sp",
-                         settings={"method": "wanda-sp", "round_to": round_to},
-                         round_to=round_to)
+    return _prune_with(model, _selector(norms), "wanda-sp", ratio=ratio,
+                       target_sparsity=target_sparsity, parts=parts, recipe=recipe,
+                       inplace=inplace, round_to=round_to)
 
 
 @register_llm_pruning("flap")
@@ -152,10 +158,9 @@ def _llm_pruner(name: str, second_order: bool, model: nn.Module, arch: DecoderAr
                             "(it reads the first 10, cut to 64 tokens).")
         scores = taylor_scores(model, arch, calibration, second_order=second_order,
                                batch_size=batch_size)
-    return transform_llm(model, _score_selector(scores), ratio=ratio,
-                         target_sparsity=target_sparsity, parts=parts, recipe=recipe,
-                         inplace=inplace, method=name,
-                         settings={"method": name, "round_to": round_to}, round_to=round_to)
+    return _prune_with(model, _score_selector(scores), name, ratio=ratio,
+                       target_sparsity=target_sparsity, parts=parts, recipe=recipe,
+                       inplace=inplace, round_to=round_to)
 
 
 @register_llm_pruning("llm-pruner")

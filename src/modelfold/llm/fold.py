@@ -25,7 +25,6 @@ clusterers (the weight clusterers of `modelfold.cluster` plus `register_llm_clus
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
@@ -51,6 +50,7 @@ from modelfold.llm.config import (
     register_llm_clusterer,
     register_llm_repair,
 )
+from modelfold.llm.repair import always_resident
 from modelfold.record import LLMFoldRecord, attach_llm_record
 
 # The paper's LLaMA-1-7B recipe (Section 5): MLP of layers 5-10 at 0.5 and 13-27 at 0.4.
@@ -76,10 +76,11 @@ class LLMFoldContext:
     strategies that read every layer's weights run with one layer in memory at a time."""
 
     def __init__(self, model: nn.Module, config: LLMFoldConfig,
-                 resident: Callable[[int], AbstractContextManager] | None = None) -> None:
+                 resident: Callable[[int], AbstractContextManager] = always_resident
+                 ) -> None:
         self.model, self.config = model, config
         self.arch = architecture_of(model)
-        self.resident = resident or (lambda _index: contextlib.nullcontext())
+        self.resident = resident
         self._tokens: torch.Tensor | None = None
 
     @property
@@ -197,7 +198,7 @@ def _sensitivity_allocation(context: LLMFoldContext, plan: LayerPlan) -> LayerPl
 
 def protect_sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor,
                              round_to: int, plan: LayerPlan, *,
-                             resident: Callable[[int], AbstractContextManager] | None = None
+                             resident: Callable[[int], AbstractContextManager] = always_resident
                              ) -> LayerPlan:
     """`allocation="sensitivity"`: `plan` with its most sensitive MLPs kept whole and their
     channels taken from the other layers (`modelfold.llm.repair.sensitive_layers`)."""
@@ -324,7 +325,8 @@ def plan_layers(model: nn.Module, arch: DecoderArchitecture, *, ratio: float | N
 
 def allocate_mlp(model: nn.Module, arch: DecoderArchitecture, plan: LayerPlan,
                  round_to: int = 1, *,
-                 resident: Callable[[int], AbstractContextManager] | None = None) -> LayerPlan:
+                 resident: Callable[[int], AbstractContextManager] = always_resident
+                 ) -> LayerPlan:
     """`allocation="inertia"` for LLMs: the parameter count of `plan`, with the MLP widths of
     the layers chosen by their Ward clustering-distortion curves on [gate | up | down^T]
     (`modelfold.cluster.allocation`): layers whose channels are redundant fold harder."""
@@ -333,7 +335,6 @@ def allocate_mlp(model: nn.Module, arch: DecoderArchitecture, plan: LayerPlan,
     if any(plan.ratios.get("attention", {}).values()):
         raise FoldError("allocation='inertia' spreads MLP channels only; fold parts=('mlp',).")
     layers = arch.layers(model)
-    resident = resident or (lambda _index: contextlib.nullcontext())
     curves, costs = {}, {}
     for i, layer in enumerate(layers):
         with resident(i):

@@ -84,6 +84,11 @@ def self_generated_tokens(model: nn.Module, *, sequences: int | None = None,
     return out[:, 1:]
 
 
+def always_resident(_index: int) -> AbstractContextManager:
+    """The `resident` of a loaded model: every layer holds its weights already."""
+    return contextlib.nullcontext()
+
+
 class _Catcher(nn.Module):
     """Stands in for decoder layer `index` during the catching pass: records the keyword
     arguments the model passes to that layer (and, for layer 0, the hidden states) and returns
@@ -343,13 +348,12 @@ def activation_fold(gram: torch.Tensor, down: torch.Tensor, k: int,
 @torch.no_grad()
 def sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor,
                      kept: list[int], factor: float = PROTECT_FACTOR, *,
-                     resident: Callable[[int], AbstractContextManager] | None = None
+                     resident: Callable[[int], AbstractContextManager] = always_resident
                      ) -> list[int]:
     """Layers whose relative MLP output error at the planned kept counts (activation centres
     only, no merge) exceeds `factor` x the median over the layers being folded, the most
-    sensitive first. `resident(i)`
-    holds layer i's weights while it is measured (see `LLMFoldContext`)."""
-    resident = resident or (lambda _index: contextlib.nullcontext())
+    sensitive first. `resident(i)` holds layer i's weights while it is measured (see
+    `LLMFoldContext`)."""
     stepper = LayerStepper(model, arch, tokens)
     errors: dict[int, float] = {}
     for i, layer in enumerate(arch.layers(model)):

@@ -138,8 +138,7 @@ def fold_checkpoint(
     weight_map: dict[str, str] = {}
     sizes = [0, 0]  # elements, bytes written
     try:
-        reads_weights = config.allocation != "uniform" or config.repair != "none"
-        if self_calibrated(config) or reads_weights:
+        if self_calibrated(config):  # the model runs: real embeddings, head, rotary tables
             skeleton = _runnable_skeleton(src, hf_config, reader, device)
         else:
             with torch.device("meta"):
@@ -234,7 +233,7 @@ class _StreamedLayers:
 
     @contextlib.contextmanager
     def loaded_on_call(self):
-        handles = []
+        handles, layer_loaded = [], {}
         for i, layer in enumerate(self.modules):
             def before(_module, _args, i=i):
                 layer_loaded[i] = self._load(i)
@@ -246,7 +245,6 @@ class _StreamedLayers:
 
             handles += [layer.register_forward_pre_hook(before),
                         layer.register_forward_hook(after)]
-        layer_loaded: dict[int, bool] = {}
         try:
             yield
         finally:
