@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -44,9 +45,32 @@ SIZES = {
 }
 
 
+def shard_key(name: str) -> str:
+    """One shard per decoder layer, one for everything else."""
+    parts = name.split(".")
+    return f"layer-{int(parts[2]):05d}" if parts[:2] == ["model", "layers"] else "rest"
+
+
+def write_shards(folder: Path, groups: Iterable[tuple[str, dict[str, torch.Tensor]]]) -> int:
+    """Write each (key, tensors) group as `model-<key>.safetensors` (one group in memory at a
+    time) and the index; returns the number of elements written."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map, total, nbytes = {}, 0, 0
+    for key, tensors in groups:
+        shard = f"model-{key}.safetensors"
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+        total += sum(t.numel() for t in tensors.values())
+        nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": nbytes}, "weight_map": weight_map}))
+    return total
+
+
 def write_synthetic(folder: Path, size: str, seed: int = 0) -> int:
     """A random LLaMA checkpoint written layer by layer; returns its parameter count."""
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(**SIZES[size], max_position_embeddings=2048, tie_word_embeddings=False,
@@ -54,58 +78,35 @@ def write_synthetic(folder: Path, size: str, seed: int = 0) -> int:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    weight_map, total, nbytes = {}, 0, 0
     groups: dict[str, dict[str, torch.Size]] = {}
     for name, p in skeleton.state_dict().items():
-        parts = name.split(".")
-        key = f"layer-{int(parts[2]):05d}" if parts[:2] == ["model", "layers"] else "rest"
-        groups.setdefault(key, {})[name] = p.shape
-    for key, shapes in groups.items():
-        tensors = {}
-        for name, shape in shapes.items():
-            if name.endswith("norm.weight"):
-                t = torch.ones(shape)
-            else:
-                t = torch.randn(shape, generator=gen) * 0.02
-            tensors[name] = t.to(torch.bfloat16)
-        shard = f"model-{key}.safetensors"
-        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, shard))
-        total += sum(t.numel() for t in tensors.values())
-        nbytes += sum(t.numel() * 2 for t in tensors.values())
-        del tensors
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": nbytes}, "weight_map": weight_map}))
+        groups.setdefault(shard_key(name), {})[name] = p.shape
+
+    def random_groups():  # generated one shard at a time: never the whole model in memory
+        for key, shapes in groups.items():
+            yield key, {name: (torch.ones(shape) if name.endswith("norm.weight")
+                               else torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+                        for name, shape in shapes.items()}
+
+    total = write_shards(folder, random_groups())
     config.save_pretrained(folder)
     return total
 
 
 def write_smollm2(folder: Path) -> int:
     """SmolLM2-135M (fp32) re-saved with one shard per decoder layer; its parameter count."""
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     from modelfold.zoo.llm import smollm2_folder
 
     source = smollm2_folder()
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    folder.mkdir(parents=True, exist_ok=True)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
-        parts = name.split(".")
-        key = f"layer-{int(parts[2]):05d}" if parts[:2] == ["model", "layers"] else "rest"
-        groups.setdefault(key, {})[name] = t.contiguous()
-    weight_map, nbytes = {}, 0
-    for key, tensors in groups.items():
-        shard = f"model-{key}.safetensors"
-        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, shard))
-        nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": nbytes}, "weight_map": weight_map}))
+        groups.setdefault(shard_key(name), {})[name] = t.contiguous()
+    write_shards(folder, groups.items())
     model.config.save_pretrained(folder)
     for extra in source.iterdir():
         if extra.suffix in (".json", ".txt", ".jinja") and not (folder / extra.name).exists():
