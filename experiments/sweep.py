@@ -49,7 +49,7 @@ from torch import nn
 import modelfold as mf
 from modelfold.baselines import ifm, inn, intra_fusion, magnitude_prune, neuron_merging
 from modelfold.errors import FoldError
-from modelfold.eval.latency import median_latency
+from modelfold.latency import median_latency
 from modelfold.repair import DeepInversionConfig
 from modelfold.summary import count_macs
 
