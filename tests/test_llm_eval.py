@@ -265,6 +265,37 @@ def test_flap_keeps_the_mean_output_adapts_widths_and_reloads(tmp_path):
     torch.testing.assert_close(logits(loaded), logits(pruned), atol=0, rtol=0)
     with pytest.raises(mf.FoldError, match="give `target_sparsity` only"):
         prune_llm(model, method="flap", ratio=0.2, calibration=calibration)
-    with pytest.raises(mf.FoldError, match="grouped-query"):
-        prune_llm(tiny(), method="flap", target_sparsity=0.1, parts=("attention",),
-                  calibration=calibration)
+
+
+def test_flap_with_grouped_query_attention_removes_heads_evenly_per_kv_group(tmp_path):
+    model = tiny(num_hidden_layers=4, heads=8, kv=2)  # 2 KV groups of 4 query heads
+    calibration = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    pruned = prune_llm(model, method="flap", target_sparsity=0.15, parts=("attention",),
+                       calibration=calibration)
+    heads = [layer.self_attn.q_proj.out_features // 16 for layer in pruned.model.layers]
+    assert all(h % 2 == 0 and 2 <= h <= 8 for h in heads) and min(heads) < 8
+    assert len(set(heads)) > 1  # adaptive per layer
+    assert all(layer.self_attn.k_proj.out_features == 32 for layer in pruned.model.layers)
+    # the removed heads' mean contribution comes back as the o_proj bias: on that layer's o_proj
+    # inputs in the dense model, fed to both projections, the mean output is preserved exactly
+    layer = next(i for i, h in enumerate(heads) if h < 8)
+    captured = []
+    dense_attn = model.model.layers[layer].self_attn
+    hook = dense_attn.o_proj.register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(calibration)
+    hook.remove()
+    q_dense = dense_attn.q_proj.weight.view(8, 16, -1)
+    q_pruned = pruned.model.layers[layer].self_attn.q_proj.weight.view(heads[layer], 16, -1)
+    kept = [next(j for j in range(8) if torch.equal(q_dense[j], q)) for q in q_pruned]
+    per_group = heads[layer] // 2
+    assert sorted(j // 4 for j in kept) == [0] * per_group + [1] * per_group
+    columns = torch.tensor([j * 16 + d for j in kept for d in range(16)])
+    with torch.no_grad():
+        x = captured[0]
+        dense_mean = dense_attn.o_proj(x).mean(0)
+        pruned_mean = pruned.model.layers[layer].self_attn.o_proj(x[:, columns]).mean(0)
+    torch.testing.assert_close(pruned_mean, dense_mean, atol=1e-5, rtol=1e-4)
+    loaded = mf.load(mf.save(pruned, tmp_path / "flap"))
+    torch.testing.assert_close(logits(loaded), logits(pruned), atol=0, rtol=0)

@@ -14,7 +14,9 @@
   W[:, removed] @ E[X_removed] is added back as a `down_proj` (`o_proj`) bias (FLAP's baseline
   compensation; the config's `mlp_bias` / `attention_bias` is switched on, the other biases are
   zero, so the result still saves and reloads; these biases are outside the budget, ~0.1 % of a
-  real model). Heads only with multi-head attention, as FLAP; LLaMA configs only.
+  real model). FLAP removes whole heads of multi-head attention; with grouped-query attention
+  a unit is the r-th weakest query head of every KV group (their mean standardised score), so
+  every group keeps the same number of query heads and the KV heads stay. LLaMA configs only.
 - "llm-pruner" / "llm-pruner-e2" (data-driven; Ma et al., "LLM-Pruner: On the Structural Pruning
   of Large Language Models", NeurIPS 2023, block-wise mode, without the LoRA post-tuning): the
   importance of a coupled group - an MLP channel (its gate and up rows and down column) or a query
@@ -370,7 +372,9 @@ def _flap(model: nn.Module, arch: DecoderArchitecture, moments, target: float,
     layers = arch.layers(model)
     scores: dict[tuple[int, str], torch.Tensor] = {}
     means: dict[tuple[int, str], torch.Tensor] = {}  # mean input per down_proj / o_proj column
-    units: list[tuple[float, int, str, int]] = []  # (standardised score, layer, part, cost)
+    # (standardised score, layer, part, parameters, channels / heads) per removable unit
+    units: list[tuple[float, int, str, int, int]] = []
+    n_kv: dict[int, int] = {}
     for i, layer in enumerate(layers):
         attn = arch.attention_module(layer)
         hd = attn.head_dim
@@ -381,37 +385,41 @@ def _flap(model: nn.Module, arch: DecoderArchitecture, moments, target: float,
             scores[(i, "mlp")] = score
         if "attention" in parts:
             shape = layer_shape(arch, layer)
-            if shape.num_attention_heads != shape.num_key_value_heads:
-                raise FoldError("flap removes whole heads of multi-head attention (FLAP's "
-                                "scheme); with grouped-query attention use parts=('mlp',).")
+            n_kv[i] = shape.num_key_value_heads
             o = getattr(attn, arch.o)
             column, means[(i, "attention")] = _fluctuation(moments, (i, "attention"), o.weight)
             scores[(i, "attention")] = column.view(-1, hd).sum(1)
         for part in parts:
             score = scores[(i, part)]
             z = (score - score.mean()) / score.std().clamp_min(1e-12)
-            unit_cost = cost if part == "mlp" else 4 * hd * o.out_features
-            units += [(float(v), i, part, unit_cost) for v in z]
+            if part == "mlp":
+                units += [(float(v), i, part, cost, 1) for v in z]
+            elif n_kv[i] == z.numel():  # multi-head attention: a head and its k, v rows
+                units += [(float(v), i, part, 4 * hd * o.out_features, 1) for v in z]
+            else:  # grouped-query: the r-th weakest query head of every KV group together
+                ranked = z.view(n_kv[i], -1).sort(1).values
+                units += [(float(v), i, part, 2 * hd * o.out_features * n_kv[i], n_kv[i])
+                          for v in ranked.mean(0)]
     units.sort(key=lambda u: u[0])
     total = count_parameters(model)
     removed = dict.fromkeys(scores, 0)
     gone = 0
-    for _, i, part, cost in units:  # lowest standardised fluctuation first, across layers
+    for _, i, part, cost, count in units:  # lowest standardised fluctuation first, all layers
         if gone >= target * total:
             break
-        if removed[(i, part)] + 1 >= scores[(i, part)].numel():
-            continue  # every layer keeps at least one channel / head
-        removed[(i, part)] += 1
+        if removed[(i, part)] + count >= scores[(i, part)].numel():
+            continue  # every layer (every KV group) keeps at least one channel / head
+        removed[(i, part)] += count
         gone += cost
     recipe = {p: {i: removed[(i, p)] / scores[(i, p)].numel()
                   for i in range(len(layers)) if removed[(i, p)]} for p in parts}
     bias: dict[tuple[int, str], torch.Tensor] = {}
 
     def select(part: str, index: int, layer: nn.Module, arch: DecoderArchitecture, k: int):
-        score = scores[(index, part)]
-        keep = torch.topk(score, k).indices.cpu()
-        drop = torch.ones(score.numel(), dtype=torch.bool)
-        drop[keep] = False
+        score = scores[(index, part)].cpu()
+        maps = (selection_maps(torch.topk(score, k).indices, score.numel()) if part == "mlp"
+                else _keep_heads(score, n_kv[index], k))
+        drop = maps[0].sum(0) == 0
         if part == "mlp":
             weight = arch.mlp_linears(layer)[2].weight
         else:
@@ -421,7 +429,7 @@ def _flap(model: nn.Module, arch: DecoderArchitecture, moments, target: float,
         drop = drop.to(weight.device)
         mean = means[(index, part)].to(weight.device)
         bias[(index, part)] = (weight.detach().double()[:, drop] @ mean[drop]).float()
-        return selection_maps(keep, score.numel())
+        return maps
 
     work = transform_llm(model, select, ratio=None, target_sparsity=None, parts=parts,
                          recipe=recipe, inplace=inplace, method="flap",

@@ -7,6 +7,8 @@ norms surround the MLP: `pre_mlp_norm` receives the residual stream and produces
 (Llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`); `post_mlp_norm`, when
 set (Gemma's `post_feedforward_layernorm`), normalises the MLP output before the residual add:
     Llama: h = r + mlp(norm(r))       Gemma: h = r + post_norm(mlp(pre_norm(r)))
+`post_attention_norm`, when set (Gemma's `post_attention_layernorm`), does the same to the
+attention output (on Llama that name is the pre-MLP norm: there is no post-attention norm).
 Head folding keeps whole `head_dim` blocks, so per-head norms shared by all heads (Gemma's
 q_norm / k_norm, of size head_dim) stay valid.
 Dispatch is first-match-wins on the Hugging Face `config.model_type`; unknown models get an
@@ -40,6 +42,7 @@ class DecoderArchitecture:
     o: str = "o_proj"
     pre_mlp_norm: str = "post_attention_layernorm"
     post_mlp_norm: str | None = None
+    post_attention_norm: str | None = None
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)
@@ -57,6 +60,10 @@ class DecoderArchitecture:
         post = layer.get_submodule(self.post_mlp_norm) if self.post_mlp_norm else None
         return layer.get_submodule(self.pre_mlp_norm), post
 
+    def attention_post_norm(self, layer: nn.Module) -> nn.Module | None:
+        """The norm applied to the attention output before the residual add, or None."""
+        return layer.get_submodule(self.post_attention_norm) if self.post_attention_norm else None
+
 
 _REGISTRY: list[DecoderArchitecture] = [
     DecoderArchitecture("llama", ("llama",)),
@@ -64,7 +71,8 @@ _REGISTRY: list[DecoderArchitecture] = [
     DecoderArchitecture("mistral", ("mistral",)),
     # GeGLU MLP, QK-norm, sliding-window layers; sandwich norms around attention and MLP
     DecoderArchitecture("gemma3", ("gemma3_text",), pre_mlp_norm="pre_feedforward_layernorm",
-                        post_mlp_norm="post_feedforward_layernorm"),
+                        post_mlp_norm="post_feedforward_layernorm",
+                        post_attention_norm="post_attention_layernorm"),
 ]
 
 

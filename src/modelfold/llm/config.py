@@ -82,19 +82,21 @@ class LLMFoldConfig(PipelineConfig):
         parts: what is folded: "mlp" (SwiGLU channels) and / or "attention" (query heads).
         clusterer: a weight clusterer of `modelfold.cluster` ("kmeans", "hartigan", "ward")
             or an LLM clusterer (`modelfold.llm.register_llm_clusterer`): "activation" (MLP
-            channels clustered by their outputs on text the model generates itself).
+            channels and query heads clustered by their outputs on text the model generates
+            itself; folded heads' output projection refitted on it).
         allocation: a registered LLM allocation (`modelfold.llm.register_llm_allocation`):
             "uniform", "inertia" (MLP widths spread by clustering distortion at the same
             parameter count) or "sensitivity" (MLPs whose output error on self-generated text
-            is over twice the median keep all channels).
+            is over twice the median keep all channels; with attention folded too, the budget
+            is first split between query heads and MLP channels by measured output errors).
         repair: a registered LLM repair (`modelfold.llm.register_llm_repair`): "none" or
             "self_generated" (least-squares refit of the folded down projections on text the
             model generates itself).
         round_to: kept MLP widths are rounded to multiples of this.
         n_init, max_iter, tol, seed: clustering settings (as `FoldConfig`).
         sparsity_tolerance: allowed gap between achieved and target parameter sparsity.
-        self_calibrate: the data-free recipe: repair "self_generated", and for MLP-only folds
-            clusterer "activation" and allocation "sensitivity" (set on construction).
+        self_calibrate: the data-free recipe: clusterer "activation", allocation "sensitivity"
+            and repair "self_generated" (set on construction).
     """
 
     applies_to: ClassVar[str] = "Hugging Face causal LMs (LLMFoldConfig)"
@@ -126,11 +128,8 @@ class LLMFoldConfig(PipelineConfig):
                                   if isinstance(table, Mapping) else table)
                            for part, table in self.recipe.items()}
         if self.self_calibrate is True:
+            self.clusterer, self.allocation = "activation", "sensitivity"
             self.repair = "self_generated"
-            if set(self.parts) == {"mlp"}:
-                self.clusterer, self.allocation = "activation", "sensitivity"
-            elif self.clusterer == "activation":  # the activation merge covers MLPs only
-                self.clusterer = "kmeans"
         super().__post_init__()
 
     @classmethod

@@ -162,12 +162,9 @@ class LayerStepper:
         while self.index <= index:
             self._advance()
 
-    def mlp_input(self, index: int, layer: nn.Module | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, residual): layer `index`'s MLP input and the stream its (post-normed) output is
-        added to, both (tokens, hidden). `layer` replaces the decoder's layer `index` from now
-        on (the folded copy, rebuilt in place after this call); the layers before `index` run
-        as they are now, i.e. already folded."""
+    def _enter(self, index: int, layer: nn.Module | None) -> nn.Module:
+        """Run the layers before `index` (as they are now) and make `layer`, when given, the
+        decoder's layer `index` from now on (the folded copy, rebuilt in place afterwards)."""
         if index < self.index:
             raise FoldError(f"layer {index} was asked for after layer {self.index}: calibrated "
                             "folding visits the layers in order.")
@@ -175,25 +172,22 @@ class LayerStepper:
             self._advance()
         if layer is not None:
             self.layers[index] = layer
-        layer = self.layers[index]
-        got: dict = {}
+        return self.layers[index]
 
-        def catch(_module, args):
-            got["x"] = args[0]
+    def _capture(self, index: int, layer: nn.Module, hooks: list) -> None:
+        """Run layer `index` with `hooks` ((module, kind, fn) forward / pre hooks) until the
+        MLP is reached: the MLP's pre-hook stops the layer."""
+
+        def stop(_module, _args):
             raise _Captured
 
-        def residual(_module, args):  # the residual stream enters the MLP's own norm
-            got["residual"] = args[0]
-
-        mlp = layer.get_submodule(self.arch.mlp)
-        handles = [mlp.register_forward_pre_hook(catch)]
-        try:
-            norm = self.arch.mlp_norms(layer)[0]
-        except AttributeError as exc:
-            raise FoldError(f"layer {index}: no `{self.arch.pre_mlp_norm}` before the MLP; "
-                            "calibrated LLM folding needs the pre-norm residual layout (set "
-                            "the architecture's pre_mlp_norm).") from exc
-        handles.append(norm.register_forward_pre_hook(residual))
+        handles = []
+        for module, kind, fn in hooks:
+            register = (module.register_forward_pre_hook if kind == "pre"
+                        else module.register_forward_hook)
+            handles.append(register(fn))
+        # registered last: the MLP's own capture hook (if any) runs first
+        handles.append(layer.get_submodule(self.arch.mlp).register_forward_pre_hook(stop))
         try:
             self._run(layer)
         except _Captured:
@@ -201,6 +195,32 @@ class LayerStepper:
         finally:
             for h in handles:
                 h.remove()
+
+    def _pre_mlp_norm(self, index: int, layer: nn.Module) -> nn.Module:
+        try:
+            return self.arch.mlp_norms(layer)[0]
+        except AttributeError as exc:
+            raise FoldError(f"layer {index}: no `{self.arch.pre_mlp_norm}` before the MLP; "
+                            "calibrated LLM folding needs the pre-norm residual layout (set "
+                            "the architecture's pre_mlp_norm).") from exc
+
+    def mlp_input(self, index: int, layer: nn.Module | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual): layer `index`'s MLP input and the stream its (post-normed) output is
+        added to, both (tokens, hidden). `layer` replaces the decoder's layer `index` from now
+        on (the folded copy, rebuilt in place after this call); the layers before `index` run
+        as they are now, i.e. already folded."""
+        layer = self._enter(index, layer)
+        got: dict = {}
+
+        def mlp_in(_module, args):
+            got["x"] = args[0]
+
+        def residual(_module, args):  # the residual stream enters the MLP's own norm
+            got["residual"] = args[0]
+
+        self._capture(index, layer, [(layer.get_submodule(self.arch.mlp), "pre", mlp_in),
+                                     (self._pre_mlp_norm(index, layer), "pre", residual)])
         x = got["x"].reshape(-1, got["x"].shape[-1])
         if "residual" not in got:
             raise FoldError(f"layer {index}: `{self.arch.pre_mlp_norm}` was not called before "
@@ -208,6 +228,31 @@ class LayerStepper:
         residual = got["residual"].reshape(x.shape[0], -1)
         self._mlp_only = (index, x, residual)
         return x, residual
+
+    def attention_input(self, index: int, layer: nn.Module | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(heads, out, stream) of layer `index`'s attention, all (tokens, .): the input of its
+        output projection (the query heads' outputs side by side), that projection's output and
+        the residual stream after the attention is added. `layer` as in `mlp_input`."""
+        layer = self._enter(index, layer)
+        got: dict = {}
+
+        def o_proj(_module, args, output):
+            got["heads"], got["out"] = args[0], output
+
+        def stream(_module, args):
+            got["stream"] = args[0]
+
+        attn = self.arch.attention_module(layer)
+        self._capture(index, layer, [(getattr(attn, self.arch.o), "forward", o_proj),
+                                     (self._pre_mlp_norm(index, layer), "pre", stream)])
+        if "heads" not in got or "stream" not in got:
+            raise FoldError(f"layer {index}: the attention's `{self.arch.o}` and then "
+                            f"`{self.arch.pre_mlp_norm}` were not called before the MLP; "
+                            "calibrated head folding needs the pre-norm residual layout.")
+        heads = got["heads"].reshape(-1, got["heads"].shape[-1])
+        n = heads.shape[0]
+        return heads, got["out"].reshape(n, -1), got["stream"].reshape(n, -1)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -247,10 +292,14 @@ class CalibratedSelector:
                  k: int):
         if part != "mlp":
             self.stepper.attention_changed(index)
-            if self.base is None:
-                raise FoldError("clusterer='activation' folds MLP channels; fold "
-                                "parts=('mlp',) or use a weight clusterer for attention.")
-            return self.base(part, index, layer, arch, k)
+            if self.base is not None:  # weight-clustered heads: no refit (see the docstring)
+                return self.base(part, index, layer, arch, k)
+            heads, weights = attention_activations(self.stepper, index, layer, arch)
+            attn = arch.attention_module(layer)
+            hw = heads * weights[:, None]
+            o = getattr(attn, arch.o).weight.float()
+            return head_fold((hw.T @ hw).double(), o, head_groups(arch, attn), k,
+                             attn.head_dim, self.ridge)
         x, z, target, weights = layer_activations(self.stepper, index, layer, arch)
         gate, up, down = (m.weight.float() for m in arch.mlp_linears(layer))
         zw = z * weights[:, None]
@@ -276,6 +325,107 @@ class CalibratedSelector:
             folded_down = ridge_refit((bw.T @ bw).double(), (bw.T @ (target * weights[:, None]))
                                       .double(), folded_down, self.ridge)
         return mean_map, sum_map, folded_down
+
+
+def head_groups(arch: DecoderArchitecture, attn: nn.Module) -> list[list[int]]:
+    """The query heads that must lose heads together: one group per KV head with grouped-query
+    attention (every group keeps the same count), all heads in one with multi-head attention."""
+    hd = attn.head_dim
+    n_q = getattr(attn, arch.q).out_features // hd
+    n_kv = getattr(attn, arch.k).out_features // hd
+    if n_q == n_kv:
+        return [list(range(n_q))]
+    m = n_q // n_kv
+    return [list(range(g * m, (g + 1) * m)) for g in range(n_kv)]
+
+
+def attention_activations(stepper: LayerStepper, index: int, layer: nn.Module,
+                          arch: DecoderArchitecture) -> tuple[torch.Tensor, torch.Tensor]:
+    """(heads, weights): the input of `layer`'s attention output projection on the stepper's
+    tokens (fp32, the query heads' outputs side by side) and the token weights gain_t / ||h_t||
+    (h_t = the stream after the attention; gain_t as in `layer_activations`, for a post-attention
+    norm)."""
+    heads, out, stream = stepper.attention_input(index, layer)
+    o = getattr(arch.attention_module(layer), arch.o)
+    heads, out = heads.to(o.weight.device, torch.float32), out.to(o.weight.device).float()
+    post = arch.attention_post_norm(layer)
+    gain = (post(out).float().norm(dim=1) / out.norm(dim=1).clamp_min(1e-12)
+            if post is not None else 1.0)
+    return heads, gain / stream.to(out.device).float().norm(dim=1).clamp_min(1e-6)
+
+
+def _columns(heads: list[int], hd: int) -> torch.Tensor:
+    return torch.tensor([h * hd + d for h in heads for d in range(hd)], dtype=torch.long)
+
+
+def _explained(gram: torch.Tensor, cross: torch.Tensor, cols: torch.Tensor) -> float:
+    """tr(C_S^T G_SS^-1 C_S): the target energy a least-squares refit on columns S keeps."""
+    g = gram[cols][:, cols]
+    jitter = 1e-6 * float(g.diagonal().mean().clamp_min(1e-30))
+    g = g + jitter * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    c = cross[cols]
+    return float((c * torch.linalg.solve(g, c)).sum())
+
+
+def choose_heads(gram: torch.Tensor, o_weight: torch.Tensor, groups: list[list[int]],
+                 per_group: int, hd: int) -> list[int]:
+    """Greedy backward elimination, group by group: each round every group drops the head whose
+    loss a least-squares refit of the output projection compensates best, until every group
+    keeps `per_group` heads. Returns the kept heads, sorted."""
+    cross = gram @ o_weight.double().T.to(gram.device)  # G O^T: the target is the original
+    kept = [list(g) for g in groups]
+    for _ in range(len(groups[0]) - per_group):
+        for g, heads in enumerate(kept):
+            others = [h for j, hs in enumerate(kept) if j != g for h in hs]
+            best = max(heads, key=lambda h: _explained(
+                gram, cross, _columns(sorted(others + [x for x in heads if x != h]), hd)))
+            heads.remove(best)
+    return sorted(h for hs in kept for h in hs)
+
+
+def head_fold(gram: torch.Tensor, o_weight: torch.Tensor, groups: list[list[int]], k: int,
+              hd: int, ridge: float = RIDGE
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean_map (k, n), sum_map (k, n), output projection (hidden, k * hd)) folding n query
+    heads to k from the Gram matrix (n*hd, n*hd) of the token-weighted head outputs:
+    `choose_heads` picks the centres; every other head folds into the centre of its group whose
+    output predicts its own best (a_j ~ a_c M, M = G_cc^-1 G_cj, so o_c absorbs o_j M^T); the
+    output projection is then refitted by ridge least squares towards that merge (as the MLP's
+    down projection)."""
+    n = sum(len(g) for g in groups)
+    per_group = k if len(groups) == 1 else k // len(groups)
+    o = o_weight.double().to(gram.device)
+    centres = choose_heads(gram, o_weight, groups, per_group, hd)
+    owner = {c: c for c in centres}
+    merged = {c: o[:, _columns([c], hd)].clone() for c in centres}
+    for group in groups:
+        mine = [c for c in centres if c in group]
+        for j in group:
+            if j in owner:
+                continue
+            cj = _columns([j], hd)
+            fits = {}
+            for c in mine:
+                cc = _columns([c], hd)
+                g_cc = gram[cc][:, cc]
+                jitter = 1e-6 * float(g_cc.diagonal().mean().clamp_min(1e-30))
+                m = torch.linalg.solve(g_cc + jitter * torch.eye(hd, dtype=g_cc.dtype,
+                                                                  device=g_cc.device),
+                                       gram[cc][:, cj])
+                fits[c] = (float((gram[cj][:, cc] @ m).diagonal().sum()), m)
+            c = max(fits, key=lambda x: fits[x][0])
+            owner[j] = c
+            merged[c] += o[:, cj] @ fits[c][1].T
+    cols = _columns(centres, hd)
+    prior = torch.cat([merged[c] for c in centres], 1)
+    refit = ridge_refit(gram[cols][:, cols], gram[cols] @ o.T, prior, ridge)
+    mean_map = torch.zeros(k, n)
+    sum_map = torch.zeros(k, n)
+    row = {c: r for r, c in enumerate(centres)}
+    for j, c in owner.items():
+        sum_map[row[c], j] = 1.0
+    mean_map[torch.arange(k), torch.tensor(centres)] = 1.0
+    return mean_map, sum_map, refit.to(o_weight.dtype)
 
 
 def _activation_fn(layer: nn.Module, arch: DecoderArchitecture):
@@ -378,6 +528,87 @@ def _centre_only_error(stepper: LayerStepper, index: int, layer: nn.Module,
     dropped[torch.topk(centre_scores(zw.pow(2).sum(0), down), kept).indices] = False
     error = zw[:, dropped] @ down[:, dropped].T  # per-token error / ||h_t||
     return float(error.pow(2).sum(1).mean())
+
+
+def output_gradients(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor
+                     ) -> list[torch.Tensor]:
+    """Per decoder layer, (tokens, hidden) float32: the gradient of the language-modelling loss
+    of `tokens` (text the model sampled itself, so its next tokens are draws from the model:
+    g g^T estimates the Fisher information) with respect to the residual stream after the
+    layer's attention. An error e_t added there changes the expected KL divergence from the
+    original model by about (g_t . e_t)^2 / 2. One forward and one backward pass; the model's
+    weights and their `.grad` are untouched."""
+    streams: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(arch.layers(model)):
+        def after_attention(_module, args, i=i):
+            streams[i] = args[0]
+
+        handles.append(arch.mlp_norms(layer)[0].register_forward_pre_hook(after_attention))
+    ids = tokens.to(_device(model))
+    try:
+        with torch.enable_grad():
+            embed = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=embed, use_cache=False).logits.float()
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                               ids[:, 1:].reshape(-1), reduction="sum")
+            grads = torch.autograd.grad(loss, [streams[i] for i in range(len(streams))])
+    finally:
+        for h in handles:
+            h.remove()
+    return [g.reshape(-1, g.shape[-1]).float() for g in grads]
+
+
+def _fisher_error(error: torch.Tensor, grad: torch.Tensor) -> float:
+    """sum_t (g_t . e_t)^2 / 2 / tokens: the expected KL increase of an error e added to the
+    stream whose loss gradient is g (`output_gradients`), per token."""
+    return float((error * grad.to(error.device)).sum(1).pow(2).sum() / 2 / error.shape[0])
+
+
+def _gain(out: torch.Tensor, post: nn.Module | None) -> torch.Tensor | float:
+    """Per-token factor by which a post-norm scales errors of its input `out` (1 without one)."""
+    if post is None:
+        return 1.0
+    return (post(out).float().norm(dim=1) / out.norm(dim=1).clamp_min(1e-12))[:, None]
+
+
+@torch.no_grad()
+def head_error_curves(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor,
+                      head_units: list[int], ridge: float = RIDGE) -> list[list[float]]:
+    """Per layer i of the original model: the expected KL divergence from the original model
+    (`output_gradients`: errors weighted by the loss gradient of the stream they enter, so an
+    error that later layers amplify counts more) of its attention with u = 0 .. head_units[i]
+    heads removed from every head group, after the fold and refit of self-calibrated folding
+    (`head_fold`) fitted on the first half of the `tokens` sequences and judged on the second
+    half (a refit that only memorises its text must not look free). Each layer is measured
+    alone, in the original model."""
+    with torch.enable_grad():
+        grads = output_gradients(model, arch, tokens)
+    stepper = LayerStepper(model, arch, tokens)
+    rows = torch.arange(tokens.numel()).view(tokens.shape)
+    fit, held = rows[: tokens.shape[0] // 2].flatten(), rows[tokens.shape[0] // 2:].flatten()
+    curves: list[list[float]] = []
+    for i, layer in enumerate(arch.layers(model)):
+        attn = arch.attention_module(layer)
+        groups, hd = head_groups(arch, attn), attn.head_dim
+        curve = [0.0]
+        if head_units[i]:
+            heads, weights = attention_activations(stepper, i, layer, arch)
+            hw = heads[fit] * weights[fit, None]
+            gram = (hw.T @ hw).double()
+            o = getattr(attn, arch.o).weight.float()
+            heads = heads[held]
+            out = heads @ o.T
+            gain = _gain(out, arch.attention_post_norm(layer))
+            for u in range(1, head_units[i] + 1):
+                k = sum(len(g) - u for g in groups)
+                mean_map, _, refit = head_fold(gram, o, groups, k, hd, ridge)
+                kept = _columns(mean_map.argmax(1).tolist(), hd).to(heads.device)
+                error = (heads[:, kept] @ refit.to(heads.device).T - out) * gain
+                curve.append(_fisher_error(error, grads[i][held]))
+        curves.append(curve)
+        stepper.advance_past(i)
+    return curves
 
 
 def protect(kept: list[int], widths: list[int], protected: list[int], round_to: int = 1
