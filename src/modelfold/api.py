@@ -34,6 +34,7 @@ def fold(
     target_sparsity: float | None = None,
     target_macs: float | None = None,
     target_memory: int | None = None,
+    target_latency: float | None = None,
     seed: int | None = None,
     module_ratios: dict[str, float] | None = None,
     repair: str | None = None,
@@ -54,12 +55,14 @@ def fold(
         config: a `FoldConfig` (graph path) or `LLMFoldConfig` (causal LMs); its type picks
             the pipeline. Without one, the keywords below build the config of the model's
             pipeline; with one, they override its fields.
-        ratio, target_sparsity, target_macs, target_memory, seed, module_ratios, repair,
+        ratio, target_sparsity, target_macs, target_memory, target_latency, seed, module_ratios,
+            repair,
             self_calibrate, parts, recipe: config fields (see `FoldConfig` and `LLMFoldConfig`;
             a keyword the config does not have is refused, naming the config that has it).
             `target_macs` is the fraction of the multiply-accumulates on `example_inputs` to
-            remove, `target_memory` the bytes of parameters and buffers to keep at most (graph
-            path).
+            remove, `target_memory` the bytes of parameters and buffers to keep at most,
+            `target_latency` the fraction of the measured latency on `example_inputs` to remove
+            (graph path).
         ignored: modules whose channel groups are left as they are (graph path).
         inplace: fold `model` itself instead of a copy (saves memory; if folding fails part way
             the model may be left partly folded, so keep a copy of anything you cannot rebuild).
@@ -71,7 +74,8 @@ def fold(
         The folded model: a real, smaller `nn.Module` of the same classes.
     """
     overrides = {"ratio": ratio, "target_sparsity": target_sparsity,
-                 "target_macs": target_macs, "target_memory": target_memory, "seed": seed,
+                 "target_macs": target_macs, "target_memory": target_memory,
+                 "target_latency": target_latency, "seed": seed,
                  "module_ratios": None if module_ratios is None else dict(module_ratios),
                  "repair": repair, "self_calibrate": self_calibrate,
                  "parts": parts, "recipe": recipe}

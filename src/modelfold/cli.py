@@ -270,7 +270,7 @@ def _fold_config(config: Path | None, data_flags: dict[str, Any], di_preset: str
         except (ValueError, RecursionError, TypeError) as exc:
             fail(f"--config {config} is not a FoldConfig JSON file ({type(exc).__name__}: "
                  f"{' '.join(str(exc).split())[:200]}).")
-    budgets = ("ratio", "target_sparsity", "target_macs", "target_memory")
+    budgets = ("ratio", "target_sparsity", "target_macs", "target_memory", "target_latency")
     for key in budgets:  # a budget flag replaces the config file's budget
         if data_flags.get(key) is not None:
             data.update(dict.fromkeys(budgets), **{key: data_flags[key]})
@@ -299,6 +299,9 @@ def fold(
     target_memory: Annotated[int | None, typer.Option(
         help="Bytes the folded model's parameters and buffers may take at most (solves for "
              "the ratio).")] = None,
+    target_latency: Annotated[float | None, typer.Option(
+        help="Fraction of the forward-pass latency on an input of --input-shape to remove, "
+             "measured on this machine (searches the ratio by folding and timing).")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", help="Architecture of a weights file: zoo name or 'package.module:callable'.")]
     = None,
@@ -343,18 +346,21 @@ def fold(
     import modelfold as mf
 
     given = [o for o, v in (("--ratio", ratio), ("--target-sparsity", target_sparsity),
-                            ("--target-macs", target_macs), ("--target-memory", target_memory))
+                            ("--target-macs", target_macs), ("--target-memory", target_memory),
+                            ("--target-latency", target_latency))
              if v is not None]
     if len(given) > 1:
-        fail(f"give only one of --ratio, --target-sparsity, --target-macs or --target-memory "
-             f"(got {' and '.join(given)}).")
+        fail("give only one of --ratio, --target-sparsity, --target-macs, --target-memory or "
+             f"--target-latency (got {' and '.join(given)}).")
     _check_ratio("--ratio", ratio)
     _check_ratio("--target-sparsity", target_sparsity)
     _check_ratio("--target-macs", target_macs)
+    _check_ratio("--target-latency", target_latency)
     _check_positive("--target-memory", target_memory)
     shape = _parse_shape(input_shape)
     cfg = _fold_config(config, {"ratio": ratio, "target_sparsity": target_sparsity,
                                 "target_macs": target_macs, "target_memory": target_memory,
+                                "target_latency": target_latency,
                                 "seed": seed, "clusterer": clusterer, "repair": repair,
                                 "round_to": round_to, "allocation": allocation,
                                 "self_calibrate": True if self_calibrate else None}, di_preset)

@@ -22,9 +22,10 @@ from modelfold.errors import FoldError
 from modelfold.repair import correlation_names, repair_names
 from modelfold.repair.deep_inversion import DeepInversionConfig
 
-CONFIG_VERSION = 1  # fields added with a default (target_macs, target_memory) keep older
-# configs readable
-BUDGET_RATIOS = ("ratio", "target_sparsity", "target_macs")  # budget fields in [0, 1)
+CONFIG_VERSION = 1  # fields added with a default (target_macs, target_memory, target_latency)
+# keep older configs readable
+# budget fields in [0, 1)
+BUDGET_RATIOS = ("ratio", "target_sparsity", "target_macs", "target_latency")
 
 
 class PipelineConfig:
@@ -134,8 +135,13 @@ class FoldConfig(PipelineConfig):
             to check it.
         target_memory: bytes the folded model's parameters and buffers may take at most (their
             dtypes as they are); the smallest uniform ratio fitting is searched for, and the
-            folded model is measured to check it. Exactly one of `ratio`, `target_sparsity`,
-            `target_macs` and `target_memory` is given.
+            folded model is measured to check it.
+        target_latency: fraction of the measured forward-pass latency on the example input (on
+            the folding device, at the example's batch size) to remove: the smallest uniform
+            ratio whose folded model runs that fast is searched for by bisection, each step a
+            fold and a measurement (median of 5 runs). The one budget that depends on timing:
+            results vary with the machine and its load. Exactly one of `ratio`,
+            `target_sparsity`, `target_macs`, `target_memory` and `target_latency` is given.
         module_ratios: per-module overrides, module name (as in `named_modules`) -> ratio. A group
             takes the override of its root module (the first producer in the group).
         clusterer: a registered clusterer (`modelfold.cluster.register_clusterer`): "kmeans"
@@ -179,12 +185,13 @@ class FoldConfig(PipelineConfig):
 
     applies_to: ClassVar[str] = "the graph-based path (FoldConfig)"
     budget_fields: ClassVar[tuple[str, ...]] = ("ratio", "target_sparsity", "target_macs",
-                                                "target_memory")
+                                                "target_memory", "target_latency")
 
     ratio: float | None = None
     target_sparsity: float | None = None
     target_macs: float | None = None
     target_memory: int | None = None
+    target_latency: float | None = None
     module_ratios: dict[str, float] = field(default_factory=dict)
     clusterer: str = "kmeans"
     features: str = "full"

@@ -50,6 +50,9 @@ def fold_graph(
     each cluster (arguments as `modelfold.fold`)."""
     if not isinstance(config, FoldConfig):
         raise FoldError(f"`config` must be a FoldConfig, got {type(config).__name__}.")
+    if config.target_latency is not None:
+        return fold_to_latency(model, example_inputs, config, ignored=ignored, inplace=inplace,
+                               device=device, calibration=calibration)
     repairer = get_repair(config.repair)
     if not isinstance(model, nn.Module):
         raise FoldError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -141,6 +144,58 @@ def fold_graph(
     )
     setattr(work, RECORD_ATTR, record)
     return work
+
+
+LATENCY_STEPS = 6  # bisection steps of a target_latency search (one fold and timing each)
+LATENCY_MAX_RATIO = 0.95  # the largest ratio a target_latency search tries
+
+
+def fold_to_latency(model: nn.Module, example_inputs: Any, config: FoldConfig,
+                    **options: Any) -> nn.Module:
+    """`target_latency`: the fold at the smallest uniform ratio (within LATENCY_STEPS
+    bisection steps over [0, LATENCY_MAX_RATIO]) whose measured latency on `example_inputs`
+    is at most (1 - target_latency) x the dense model's, both measured here
+    (`modelfold.latency.median_latency`) on the folding device. The record keeps the config as
+    given and the three latencies (dense, goal, folded)."""
+    from modelfold.latency import median_latency
+
+    if example_inputs is None:
+        raise FoldError("target_latency needs the example input the latency is measured on.")
+    dev = resolve_device(options.get("device"), model)
+    inputs = to_device(example_inputs, dev)
+    reference = model if device_of(model) == dev else copy.deepcopy(model).to(dev)
+    dense = median_latency(reference, inputs)
+    goal = (1.0 - config.target_latency) * dense
+    data = {**config.to_dict(), "target_latency": None}
+    inplace = options.pop("inplace", False)
+
+    def fold_at(ratio: float, in_place: bool = False) -> tuple[nn.Module, float]:
+        folded = fold_graph(model, example_inputs, FoldConfig.from_dict({**data, "ratio": ratio}),
+                            inplace=in_place, **options)
+        return folded, median_latency(folded, inputs)
+
+    lo, hi = 0.0, LATENCY_MAX_RATIO
+    best = fold_at(hi)
+    if best[1] > goal:
+        raise FoldError(
+            f"target_latency={config.target_latency}: even ratio {hi} runs in "
+            f"{best[1] * 1e3:.3f} ms, {1 - best[1] / dense:.1%} below the dense "
+            f"{dense * 1e3:.3f} ms on {dev} (goal {goal * 1e3:.3f} ms): this model's time is "
+            "not in the folded layers at this input size. Lower the target or use a larger "
+            "batch.")
+    best_ratio = hi
+    for _ in range(LATENCY_STEPS):
+        mid = (lo + hi) / 2
+        folded, seconds = fold_at(mid)
+        if seconds <= goal:
+            hi, best, best_ratio = mid, (folded, seconds), mid
+        else:
+            lo = mid
+    folded, seconds = fold_at(best_ratio, in_place=True) if inplace else best
+    record = getattr(folded, RECORD_ATTR)
+    record.config = config.to_dict()
+    record.extra.update(latency_before_s=dense, latency_goal_s=goal, latency_after_s=seconds)
+    return folded
 
 
 def check_macs(folded: nn.Module, inputs: Any, config: FoldConfig, cost: BudgetCost,
