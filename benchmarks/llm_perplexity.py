@@ -71,13 +71,15 @@ from modelfold.eval.perplexity import (
 )
 from modelfold.eval.resources import PeakMemory
 from modelfold.llm import architecture_of
+from modelfold.llm.fold import plan_layers
 from modelfold.zoo.llm import gemma3_folder, smollm2_folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["model", "method", "target", "sparsity", "eval_set", "ppl", "data", "compress_s",
           "peak_rss_mb", "top1"]
 DATA = {"dense": "none", "fold": "none", "magnitude": "none", "wanda-sp": "calibration",
-        "flap": "calibration", "llm-pruner": "calibration", "llm-pruner-e2": "calibration"}
+        "flap": "calibration", "flap-no-bias": "calibration", "llm-pruner": "calibration",
+        "llm-pruner-e2": "calibration"}
 # folding calibrated on text the model generates itself (no external data)
 SELF_CALIBRATED = {
     "fold-activation": dict(clusterer="activation"),
@@ -197,9 +199,13 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
     base = (sum(p.numel() for p in architecture_of(model).layers(model).parameters())
             if budget == "layers" else total)
 
-    def budget_of(target: float) -> dict[str, float]:
+    def budget_of(target: float, method: str = "") -> dict[str, float]:
         if budget == "layers":
             return {"target_sparsity": target * base / total}
+        if budget == "ratio" and method.startswith("flap"):  # FLAP takes a parameter share:
+            plan = plan_layers(model, architecture_of(model), ratio=target,  # the uniform one's
+                               target_sparsity=None, parts=parts, recipe=None)
+            return {"target_sparsity": 1 - plan.params_after / plan.params_before}
         return {budget: target}
     reference: dict[str, torch.Tensor] = {}  # the dense model's next-token predictions per set
 
@@ -239,7 +245,7 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
         for method in methods:
             if all((method, f"{target}", s) in done for s in sets):
                 continue
-            if method in ("wanda-sp", "flap") and not statistics:  # one dense pass, shared
+            if method in ("wanda-sp", "flap", "flap-no-bias") and not statistics:  # one pass
                 start = time.perf_counter()
                 statistics.update(input_moments(model, architecture_of(model), calibration))
                 print(f"calibration pass: {time.perf_counter() - start:.1f} s", flush=True)
@@ -253,9 +259,9 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
                     stats = None  # magnitude
                     if method == "wanda-sp":
                         stats = norms_from_moments(statistics)
-                    elif method == "flap":
+                    elif method.startswith("flap"):
                         stats = statistics
-                    compressed = prune_llm(model, method=method, **budget_of(target),
+                    compressed = prune_llm(model, method=method, **budget_of(target, method),
                                            parts=parts, statistics=stats,
                                            calibration=calibration)
                 seconds = time.perf_counter() - start

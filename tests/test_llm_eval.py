@@ -299,3 +299,26 @@ def test_flap_with_grouped_query_attention_removes_heads_evenly_per_kv_group(tmp
     torch.testing.assert_close(pruned_mean, dense_mean, atol=1e-5, rtol=1e-4)
     loaded = mf.load(mf.save(pruned, tmp_path / "flap"))
     torch.testing.assert_close(logits(loaded), logits(pruned), atol=0, rtol=0)
+
+
+def test_flap_no_bias_ranks_like_flap_on_a_config_without_an_mlp_bias(tmp_path):
+    model = tiny("gemma3", num_hidden_layers=4, heads=4, kv=1)
+    calibration = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(mf.FoldError, match="flap-no-bias"):
+        prune_llm(model, method="flap", target_sparsity=0.15, calibration=calibration)
+    pruned = prune_llm(model, method="flap-no-bias", target_sparsity=0.15,
+                       parts=("mlp", "attention"), calibration=calibration)
+    achieved = 1 - sum(p.numel() for p in pruned.parameters()) / sum(
+        p.numel() for p in model.parameters())
+    assert 0.14 <= achieved <= 0.16
+    assert all(m.bias is None for layer in pruned.model.layers
+               for m in (layer.mlp.down_proj, layer.self_attn.o_proj))
+    widths = {layer.mlp.down_proj.in_features for layer in pruned.model.layers}
+    assert len(widths) > 1  # adaptive, as FLAP
+    llama = tiny(num_hidden_layers=4, heads=4, kv=4)
+    flap = prune_llm(llama, method="flap", target_sparsity=0.2, calibration=calibration)
+    plain = prune_llm(llama, method="flap-no-bias", target_sparsity=0.2, calibration=calibration)
+    assert [layer.mlp.down_proj.in_features for layer in flap.model.layers] == [
+        layer.mlp.down_proj.in_features for layer in plain.model.layers]  # same ranking
+    loaded = mf.load(mf.save(pruned, tmp_path / "flap-no-bias"))
+    torch.testing.assert_close(logits(loaded), logits(pruned), atol=0, rtol=0)

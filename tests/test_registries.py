@@ -85,10 +85,10 @@ def test_validate_accepts_exactly_the_registered_names(cls, field, names):
 
 
 def test_llm_pruning_methods_come_from_the_registry():
-    names = ["flap", "llm-pruner", "llm-pruner-e2", "magnitude", "wanda-sp"]
+    names = ["flap", "flap-no-bias", "llm-pruner", "llm-pruner-e2", "magnitude", "wanda-sp"]
     assert llm_pruning_methods() == LLM_PRUNING.names() == names
-    with pytest.raises(mf.FoldError, match=r"registered: \['flap', 'llm-pruner', 'llm-pruner-e2', "
-                       r"'magnitude', 'wanda-sp'\]"):
+    with pytest.raises(mf.FoldError, match=r"registered: \['flap', 'flap-no-bias', "
+                       r"'llm-pruner', 'llm-pruner-e2', 'magnitude', 'wanda-sp'\]"):
         LLM_PRUNING.get("sparsegpt")
 
 

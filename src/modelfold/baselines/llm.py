@@ -16,7 +16,9 @@
   zero, so the result still saves and reloads; these biases are outside the budget, ~0.1 % of a
   real model). FLAP removes whole heads of multi-head attention; with grouped-query attention
   a unit is the r-th weakest query head of every KV group (their mean standardised score), so
-  every group keeps the same number of query heads and the KV heads stay. LLaMA configs only.
+  every group keeps the same number of query heads and the KV heads stay. LLaMA configs only;
+  "flap-no-bias" is the same ranking without the compensation, for configs that cannot hold
+  an MLP bias (Gemma 3).
 - "llm-pruner" / "llm-pruner-e2" (data-driven; Ma et al., "LLM-Pruner: On the Structural Pruning
   of Large Language Models", NeurIPS 2023, block-wise mode, without the LoRA post-tuning): the
   importance of a coupled group - an MLP channel (its gate and up rows and down column) or a query
@@ -148,6 +150,24 @@ def _flap_method(model: nn.Module, arch: DecoderArchitecture, *, ratio, target_s
             raise FoldError("flap needs `calibration`: token windows (N, L) of real text.")
         moments = input_moments(model, arch, calibration, batch_size=batch_size)
     return _flap(model, arch, moments, target_sparsity, tuple(parts), inplace)
+
+
+@register_llm_pruning("flap-no-bias")
+def _flap_no_bias(model: nn.Module, arch: DecoderArchitecture, *, ratio, target_sparsity,
+                  parts, recipe, calibration, statistics, batch_size, inplace,
+                  **_: Any) -> nn.Module:
+    """FLAP's fluctuation ranking and adaptive widths without its bias compensation: for
+    architectures whose config has no bias for the MLP output (Gemma 3)."""
+    if target_sparsity is None or ratio is not None or recipe is not None:
+        raise FoldError("flap-no-bias sets per-layer widths itself: give `target_sparsity` only.")
+    moments = statistics
+    if moments is None:
+        if calibration is None:
+            raise FoldError("flap-no-bias needs `calibration`: token windows (N, L) of real "
+                            "text.")
+        moments = input_moments(model, arch, calibration, batch_size=batch_size)
+    return _flap(model, arch, moments, target_sparsity, tuple(parts), inplace,
+                 compensate=False)
 
 
 def _llm_pruner(name: str, second_order: bool, model: nn.Module, arch: DecoderArchitecture, *,
@@ -360,15 +380,17 @@ def _fluctuation(moments, key, weight: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _flap(model: nn.Module, arch: DecoderArchitecture, moments, target: float,
-          parts: tuple[str, ...], inplace: bool) -> nn.Module:
+          parts: tuple[str, ...], inplace: bool, compensate: bool = True) -> nn.Module:
     from modelfold.budget import check_ratio
     from modelfold.llm.fold import count_parameters, layer_shape
 
     target = check_ratio(target, "target_sparsity")
+    method = "flap" if compensate else "flap-no-bias"
     for part, flag in (("mlp", "mlp_bias"), ("attention", "attention_bias")):
-        if part in parts and not hasattr(model.config, flag):
+        if compensate and part in parts and not hasattr(model.config, flag):
             raise FoldError(f"flap adds a compensation bias, which a {model.config.model_type} "
-                            f"config cannot describe (no `{flag}`); FLAP targets LLaMA models.")
+                            f"config cannot describe (no `{flag}`); FLAP targets LLaMA models "
+                            "(method='flap-no-bias' ranks the same way without the bias).")
     layers = arch.layers(model)
     scores: dict[tuple[int, str], torch.Tensor] = {}
     means: dict[tuple[int, str], torch.Tensor] = {}  # mean input per down_proj / o_proj column
@@ -432,8 +454,10 @@ def _flap(model: nn.Module, arch: DecoderArchitecture, moments, target: float,
         return maps
 
     work = transform_llm(model, select, ratio=None, target_sparsity=None, parts=parts,
-                         recipe=recipe, inplace=inplace, method="flap",
-                         settings={"method": "flap", "target_sparsity": target})
+                         recipe=recipe, inplace=inplace, method=method,
+                         settings={"method": method, "target_sparsity": target})
+    if not compensate:
+        return work
     _add_compensation(work, arch, bias, parts)
     record = get_llm_record(work)
     assert record is not None  # transform_llm attached it
