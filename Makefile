@@ -11,6 +11,7 @@
 #               (builds llama-cpp-python 0.3.36 from the sdist once: ~14 min on 2 cores, then cached)
 #   make bench-speed  k-means vs scikit-learn, inference speed, 1.6 B streaming fold (GPU: minutes; CPU: hours),
 #                     streamed vs in-memory self-calibrated SmolLM2 fold
+#   make bench-latency  measured CPU speed-up vs MAC reduction (ResNet18, VGG11-BN, MobileNetV2, SmolLM2)
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 # experiments/ (demo, training recipe, Fashion-MNIST, sweep) sits beside src/, not in the package
@@ -19,7 +20,7 @@ STAMP   := $(VENV)/.modelfold-installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo demo-results test install data lint clean bench bench-beyond bench-llm bench-real bench-speed bench-export
+.PHONY: demo demo-results test install data lint clean bench bench-beyond bench-llm bench-real bench-speed bench-export bench-latency
 
 install: $(STAMP)
 
@@ -93,6 +94,9 @@ bench-speed: install
 	$(PY) benchmarks/llm_streaming.py
 	$(PY) -m pip install -q --no-deps exllamav2==0.3.2
 	$(RUN) benchmarks/llm_streaming.py --size smollm2 --self-calibrate --in-memory --device cpu
+
+bench-latency: install
+	$(PY) benchmarks/latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
