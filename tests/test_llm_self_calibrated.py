@@ -41,16 +41,22 @@ def test_the_model_writes_its_own_calibration_text_deterministically():
         self_generated_tokens(no_bos)
 
 
-def test_layer_stepper_reproduces_every_mlp_input_of_the_full_forward():
-    model = tiny(num_hidden_layers=3)
-    tokens = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(0))
+def inputs_in_full_forward(model, tokens, module_of) -> list[torch.Tensor]:
+    """The input of `module_of(layer)` in every decoder layer during one full forward pass."""
     seen = []
-    handles = [layer.mlp.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+    handles = [module_of(layer).register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
                for layer in model.model.layers]
     with torch.no_grad():
         model(tokens)
     for h in handles:
         h.remove()
+    return seen
+
+
+def test_layer_stepper_reproduces_every_mlp_input_of_the_full_forward():
+    model = tiny(num_hidden_layers=3)
+    tokens = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(0))
+    seen = inputs_in_full_forward(model, tokens, lambda layer: layer.mlp)
     stepper = LayerStepper(model, architecture_of(model), tokens)
     with torch.no_grad():
         for i, expected in enumerate(seen):  # later layers reached through the MLP shortcut

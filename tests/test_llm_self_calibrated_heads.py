@@ -12,6 +12,7 @@ from modelfold.llm import architecture_of
 from modelfold.llm.fold import count_parameters
 from modelfold.llm.repair import LayerStepper, choose_heads, head_fold, self_generated_tokens
 from test_llm import ARCHS, logits, plant_query_head_duplicates, tiny
+from test_llm_self_calibrated import inputs_in_full_forward
 
 CALIBRATED = dict(clusterer="activation", repair="self_generated")
 
@@ -23,13 +24,7 @@ def _tiny(arch: str = "llama", **kw):
 def test_layer_stepper_reproduces_every_attention_output_projection_input():
     model = _tiny(num_hidden_layers=3)
     tokens = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(0))
-    seen = []
-    handles = [layer.self_attn.o_proj.register_forward_pre_hook(
-        lambda _m, a: seen.append(a[0])) for layer in model.model.layers]
-    with torch.no_grad():
-        model(tokens)
-    for h in handles:
-        h.remove()
+    seen = inputs_in_full_forward(model, tokens, lambda layer: layer.self_attn.o_proj)
     stepper = LayerStepper(model, architecture_of(model), tokens)
     with torch.no_grad():
         for i, expected in enumerate(seen):
