@@ -105,7 +105,7 @@ def test_split_spends_on_mlp_channels_first_then_on_the_cheapest_heads(tmp_path)
 
     _, heads = fold(0.3)  # the MLPs can give 30 % alone: every head stays
     assert heads == [4, 4, 4, 4]
-    folded, heads = fold(0.47)  # beyond 75 % of the MLP channels: two head units needed
+    folded, heads = fold(0.5)  # beyond 80 % of the MLP channels: two head units needed
     assert heads[2] == 2 and sorted(heads) == [2, 2, 4, 4]
     assert folded._modelfold_llm_record.ratios["attention"]["2"] == 0.5
     loaded = mf.load(mf.save(folded, tmp_path / "split"))
