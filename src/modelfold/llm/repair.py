@@ -582,11 +582,12 @@ def head_error_curves(model: nn.Module, arch: DecoderArchitecture, tokens: torch
     (`head_fold`) fitted on the first half of the `tokens` sequences and judged on the second
     half (a refit that only memorises its text must not look free). Each layer is measured
     alone, in the original model."""
-    with torch.enable_grad():
-        grads = output_gradients(model, arch, tokens)
+    half = tokens.shape[0] // 2
+    with torch.enable_grad():  # gradients of the judging half only
+        grads = output_gradients(model, arch, tokens[half:])
     stepper = LayerStepper(model, arch, tokens)
     rows = torch.arange(tokens.numel()).view(tokens.shape)
-    fit, held = rows[: tokens.shape[0] // 2].flatten(), rows[tokens.shape[0] // 2:].flatten()
+    fit, held = rows[:half].flatten(), rows[half:].flatten()
     curves: list[list[float]] = []
     for i, layer in enumerate(arch.layers(model)):
         attn = arch.attention_module(layer)
@@ -605,7 +606,7 @@ def head_error_curves(model: nn.Module, arch: DecoderArchitecture, tokens: torch
                 mean_map, _, refit = head_fold(gram, o, groups, k, hd, ridge)
                 kept = _columns(mean_map.argmax(1).tolist(), hd).to(heads.device)
                 error = (heads[:, kept] @ refit.to(heads.device).T - out) * gain
-                curve.append(_fisher_error(error, grads[i][held]))
+                curve.append(_fisher_error(error, grads[i]))
         curves.append(curve)
         stepper.advance_past(i)
     return curves
