@@ -11,7 +11,8 @@
 #               (builds llama-cpp-python 0.3.36 from the sdist once: ~14 min on 2 cores, then cached)
 #   make bench-speed  k-means vs scikit-learn, inference speed, 1.6 B streaming fold (GPU: minutes; CPU: hours),
 #                     streamed vs in-memory self-calibrated SmolLM2 fold
-#   make bench-latency  measured CPU speed-up vs MAC reduction (ResNet18, VGG11-BN, MobileNetV2, SmolLM2)
+#   make bench-latency  measured CPU speed-up vs MAC reduction (ResNet18, VGG11-BN, MobileNetV2, SmolLM2),
+#                       and where a fold's time goes (per stage, next to the reference code's)
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 # experiments/ (demo, training recipe, Fashion-MNIST, sweep) sits beside src/, not in the package
@@ -97,6 +98,7 @@ bench-speed: install
 
 bench-latency: install
 	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/fold_time.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
