@@ -66,7 +66,18 @@ class SlotLayout:
         idxs = self.idxs.to(dev)
         positions = self.positions.to(dev)
         grouped = moved.index_select(0, idxs)[positions]  # (n, e, *rest)
-        mixed = matrix.to(dev, torch.float64) @ grouped.reshape(self.n, -1)
+        matrix = matrix.to(dev, torch.float64)
+        flat = grouped.reshape(self.n, -1)
+        nonzero = matrix != 0
+        if bool((nonzero.sum(0) <= 1).all()):
+            # a cluster matrix (every channel feeds at most one kept channel): a weighted
+            # scatter-add, O(n * rest) instead of the O(k * n * rest) matrix product
+            rows = nonzero.to(torch.uint8).argmax(0)
+            weights = matrix.gather(0, rows[None]).squeeze(0)
+            mixed = torch.zeros(matrix.shape[0], flat.shape[1], dtype=flat.dtype, device=dev)
+            mixed.index_add_(0, rows, flat * weights[:, None])
+        else:
+            mixed = matrix @ flat
         targets = idxs[positions[keep.to(dev)]].reshape(-1)  # (k*e,)
         out = moved.clone()
         out.index_copy_(0, targets, mixed.reshape(-1, *grouped.shape[2:]))
