@@ -72,6 +72,7 @@ from modelfold.eval.perplexity import (
 from modelfold.eval.resources import PeakMemory
 from modelfold.llm import architecture_of
 from modelfold.llm.fold import plan_layers
+from modelfold.record import get_llm_record
 from modelfold.zoo.llm import gemma3_folder, smollm2_folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -265,6 +266,10 @@ def run_suite(model, sets: dict, calibration: torch.Tensor, statistics: dict, pa
                                            parts=parts, statistics=stats,
                                            calibration=calibration)
                 seconds = time.perf_counter() - start
+            layers = get_llm_record(compressed).layers
+            print(f"{method} {target}: query heads per layer "
+                  f"{[s['num_attention_heads'] for s in layers]}, MLP widths "
+                  f"{[s['intermediate_size'] for s in layers]}", flush=True)
             record(method, target, compressed, seconds, peak.rss_mb)
             del compressed
     write_suite_table(rows, stem, parts, list(sets))
