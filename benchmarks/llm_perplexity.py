@@ -280,8 +280,16 @@ def write_suite_table(rows: list[dict], stem: str, parts: list[str], eval_sets: 
     """The .md of a suite: SmolLM2 tables keep every evaluation column and the reference-code
     rows (MLP suites); other models show the sets they were evaluated on."""
     smollm2 = "smollm2" in stem
-    write_table(rows, RESULTS / f"{stem}.md", anchors=parts == ["mlp"] and smollm2,
+    path = RESULTS / f"{stem}.md"
+    write_table(rows, path, anchors=parts == ["mlp"] and smollm2,
                 eval_sets=list(EVAL_SETS) if smollm2 else eval_sets)
+    notes = {"_layers": "Target and achieved sparsity: share of the decoder layers' parameters "
+                        "(embeddings excluded).",
+             "_ratio": "Target: share of the folded parts' channels; achieved sparsity: share "
+                       "of all parameters."}
+    for suffix, note in notes.items():
+        if stem.endswith(suffix):
+            path.write_text(path.read_text() + "\n" + note + "\n")
 
 
 # --model: plot panels, (title, x axis, results-file stems after "llm_<model>")
