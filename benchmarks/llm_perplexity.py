@@ -308,6 +308,9 @@ PLOT_SKIP = {"fold-activation", "fold-activation-sensitivity", "fold-kmeans-sens
              "llm-pruner-e2"}
 
 
+PLOT_TOP = 300  # the y axis ends at this multiple of the dense perplexity
+
+
 def write_plot(model: str) -> None:
     """benchmarks/results/llm_<model>.png: tail perplexity vs achieved sparsity, one line per
     method, log scale, from the model's result CSVs (dense: dotted line)."""
@@ -329,15 +332,24 @@ def write_plot(model: str) -> None:
                 if r["eval_set"] == "tail" and r["method"] not in PLOT_SKIP:
                     points.setdefault(r["method"], {})[float(r["sparsity"])] = float(r["ppl"])
         dense = points.pop("dense", {}).get(0.0)
+        top = PLOT_TOP * dense if dense is not None else None
         if dense is not None:
             ax.axhline(dense, color="black", linestyle=":", label=f"dense ({dense:.2f})")
         for method, pts in sorted(points.items()):
             xs = sorted(pts)
             colour = colours.setdefault(method, len(colours))
-            ax.plot([100 * x for x in xs], [pts[x] for x in xs], marker="o", label=method,
+            label = method
+            if top is not None and min(pts.values()) > top:  # collapsed: named, not drawn
+                label = f"{method} (off scale: {min(pts.values()):,.0f}+)"
+            ax.plot([100 * x for x in xs], [pts[x] for x in xs], marker="o", label=label,
                     linestyle="--" if DATA.get(method) == "calibration" else "-",
                     color=plt.get_cmap("tab10")(colour % 10))
         ax.set_yscale("log")
+        if top is not None:
+            ax.set_ylim(0.9 * dense, top)
+        xs_all = [x for pts in points.values() for x in pts]
+        if xs_all:
+            ax.set_xlim(0, 100 * max(xs_all) * 1.1)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity, tail windows (log)")
         ax.set_title(f"{MODELS[model][0]}: {title}")
