@@ -6,7 +6,7 @@ Stages are the cumulative times (`cProfile`, one profiled run) of the functions 
 tracing the channel groups (`discover_groups`), building the clustering features
 (`group_features`), clustering (`cluster_channels`), merging (`apply_plan`), repair (the
 repair's `after_merge`, Fold-AR) and the output checks (`reference_output`, `check_output`);
-"total" is the median wall time of three unprofiled runs. CIFAR-style ResNet18 / VGG11-BN at
+"total" is the median wall time of five unprofiled runs. CIFAR-style ResNet18 / VGG11-BN at
 width 32 on a 3x32x32 example (random weights: only shapes and k-means iterations matter), the
 real ImageNet MobileNetV2 on 3x224x224, ratio 0.3; SmolLM2-135M: the self-calibrated fold of
 20 % of all parameters (MLP), whose stages are text generation, the sensitivity pass and the
@@ -60,7 +60,7 @@ def stage_times(fn, stages: dict[str, list[tuple[str, str]]]) -> dict[str, float
             for stage, parts in stages.items()}
 
 
-def wall(fn, runs: int = 3) -> float:
+def wall(fn, runs: int = 5) -> float:
     times = []
     for _ in range(runs):
         start = time.perf_counter()

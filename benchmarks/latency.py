@@ -183,10 +183,11 @@ def plot(rows: list[dict]) -> None:
                                                           else "")
             series.setdefault(label, []).append((float(r["macs_removed"]),
                                                  float(r["speedup"])))
-        for label, pts in sorted(series.items()):
+        for j, (label, pts) in enumerate(sorted(series.items())):
             pts.sort()
             ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
-                    linestyle="--" if "compiled" in label else "-")
+                    linestyle="--" if "compiled" in label else "-",
+                    color=plt.get_cmap("tab20")(j % 20))
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xlabel("MACs removed (%)")
         ax.set_title(f"CPU, batch {batch}")
