@@ -87,8 +87,9 @@ class LLMFoldConfig(PipelineConfig):
         allocation: a registered LLM allocation (`modelfold.llm.register_llm_allocation`):
             "uniform", "inertia" (MLP widths spread by clustering distortion at the same
             parameter count) or "sensitivity" (MLPs whose output error on self-generated text
-            is over twice the median keep all channels; with attention folded too, the budget
-            is first split between query heads and MLP channels by measured output errors).
+            is over twice the median keep all channels; with attention folded too, MLP
+            channels take the budget first, up to 80 % of a layer's, and query heads the rest,
+            see `modelfold.llm.fold.split_heads_and_mlp`).
         repair: a registered LLM repair (`modelfold.llm.register_llm_repair`): "none" or
             "self_generated" (least-squares refit of the folded down projections on text the
             model generates itself).
