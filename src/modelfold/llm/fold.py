@@ -244,9 +244,26 @@ def split_heads_and_mlp(model: nn.Module, arch: DecoderArchitecture, tokens: tor
     base = predicted_parameter_count(model, arch, with_units([0] * n, full))
     head_cost = [base - predicted_parameter_count(model, arch, with_units(
         [int(j == i) for j in range(n)], full)) for i in range(n)]
-    # the layers the sensitivity allocation will keep whole (measured at the MLP-only split)
-    # give no channels: the cap applies to the MLPs of the others
-    protected = _protected_layers(model, arch, tokens, plan, full, round_to, resident)
+    target = 1 - plan.params_after / plan.params_before
+
+    def widths_for(u: list[int]) -> list[int]:
+        """MLP widths, one ratio for all layers, that bring head units `u` to the budget."""
+        def sparsity(r: float) -> float:
+            kept = [kept_channels(w, r, round_to) if r > 0 else w for w in full]
+            return 1 - predicted_parameter_count(model, arch, with_units(u, kept)) / \
+                plan.params_before
+
+        r = bisect_ratio(sparsity, target, 0.999)
+        return [kept_channels(w, r, round_to) if r > 0 else w for w in full]
+
+    # the layers the sensitivity allocation keeps whole when the budget is spent on MLP
+    # channels alone give no channels: the cap applies to the MLPs of the others
+    mlp_only = LayerPlan(plan.parts, plan.ratios, plan.uniform, shapes,
+                         with_units([0] * n, widths_for([0] * n)), plan.params_before,
+                         plan.params_after)
+    protected = {i for i, s in enumerate(protect_sensitive_layers(
+        model, arch, tokens, round_to, mlp_only, resident=resident).new_shapes)
+        if s.intermediate_size == full[i]}
     mlp_total = base - predicted_parameter_count(model, arch, with_units(
         [0] * n, [w if i in protected else 0 for i, w in enumerate(full)]))
     removed = plan.params_before - plan.params_after
@@ -271,48 +288,12 @@ def split_heads_and_mlp(model: nn.Module, arch: DecoderArchitecture, tokens: tor
             i = min(options, key=lambda j: (units[j], (errors[j][units[j] + 1]
                                                        - errors[j][units[j]]) / head_cost[j]))
             units[i] += 1
-    target = 1 - plan.params_after / plan.params_before
-
-    def sparsity(r: float) -> float:
-        kept = [kept_channels(w, r, round_to) if r > 0 else w for w in full]
-        return 1 - predicted_parameter_count(model, arch, with_units(units, kept)) / \
-            plan.params_before
-
-    r = bisect_ratio(sparsity, target, 0.999)
-    new = with_units(units, [kept_channels(w, r, round_to) if r > 0 else w for w in full])
+    new = with_units(units, widths_for(units))
     ratios = {**plan.ratios,
               "mlp": {i: 1 - s.intermediate_size / full[i] for i, s in enumerate(new)},
               "attention": {i: units[i] / group[i] for i in range(n)}}
     return LayerPlan(plan.parts, ratios, plan.uniform, shapes, new, plan.params_before,
                      predicted_parameter_count(model, arch, new))
-
-
-def _protected_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor,
-                      plan: LayerPlan, full: list[int], round_to: int,
-                      resident: Callable[[int], AbstractContextManager]) -> set[int]:
-    """The layers `protect_sensitive_layers` would keep whole if the budget of `plan` were
-    spent on MLP channels alone (one ratio for all layers)."""
-    keep_heads = [replace(t, num_attention_heads=s.num_attention_heads,
-                          num_key_value_heads=s.num_key_value_heads)
-                  for s, t in zip(plan.shapes, plan.new_shapes, strict=True)]
-    target = 1 - plan.params_after / plan.params_before
-
-    def sparsity(r: float) -> float:
-        shapes = [replace(t, intermediate_size=kept_channels(w, r, round_to))
-                  for t, w in zip(keep_heads, full, strict=True)]
-        return 1 - predicted_parameter_count(model, arch, shapes) / plan.params_before
-
-    r = bisect_ratio(sparsity, target, 0.999)
-    mlp_only = with_mlp_widths(model, arch, plan, {
-        i: kept_channels(w, r, round_to) for i, w in enumerate(full)})
-    mlp_only = LayerPlan(plan.parts, {**mlp_only.ratios, "attention": {}}, plan.uniform,
-                         plan.shapes, [replace(t, intermediate_size=m.intermediate_size)
-                                       for t, m in zip(keep_heads, mlp_only.new_shapes,
-                                                       strict=True)],
-                         plan.params_before, plan.params_after)
-    protected = protect_sensitive_layers(model, arch, tokens, round_to, mlp_only,
-                                         resident=resident)
-    return {i for i, s in enumerate(protected.new_shapes) if s.intermediate_size == full[i]}
 
 
 def protect_sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor,
