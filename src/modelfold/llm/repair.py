@@ -348,9 +348,7 @@ def attention_activations(stepper: LayerStepper, index: int, layer: nn.Module,
     heads, out, stream = stepper.attention_input(index, layer)
     o = getattr(arch.attention_module(layer), arch.o)
     heads, out = heads.to(o.weight.device, torch.float32), out.to(o.weight.device).float()
-    post = arch.attention_post_norm(layer)
-    gain = (post(out).float().norm(dim=1) / out.norm(dim=1).clamp_min(1e-12)
-            if post is not None else 1.0)
+    gain = _gain(out, arch.attention_post_norm(layer))
     return heads, gain / stream.to(out.device).float().norm(dim=1).clamp_min(1e-6)
 
 
@@ -565,11 +563,11 @@ def _fisher_error(error: torch.Tensor, grad: torch.Tensor) -> float:
     return float((error * grad.to(error.device)).sum(1).pow(2).sum() / 2 / error.shape[0])
 
 
-def _gain(out: torch.Tensor, post: nn.Module | None) -> torch.Tensor | float:
+def _gain(out: torch.Tensor, post: nn.Module | None) -> torch.Tensor:
     """Per-token factor by which a post-norm scales errors of its input `out` (1 without one)."""
     if post is None:
-        return 1.0
-    return (post(out).float().norm(dim=1) / out.norm(dim=1).clamp_min(1e-12))[:, None]
+        return torch.ones(out.shape[0], dtype=out.dtype, device=out.device)
+    return post(out).float().norm(dim=1) / out.norm(dim=1).clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -600,7 +598,7 @@ def head_error_curves(model: nn.Module, arch: DecoderArchitecture, tokens: torch
             o = getattr(attn, arch.o).weight.float()
             heads = heads[held]
             out = heads @ o.T
-            gain = _gain(out, arch.attention_post_norm(layer))
+            gain = _gain(out, arch.attention_post_norm(layer))[:, None]
             for u in range(1, head_units[i] + 1):
                 k = sum(len(g) - u for g in groups)
                 mean_map, _, refit = head_fold(gram, o, groups, k, hd, ridge)
