@@ -8,10 +8,12 @@ tracing the channel groups (`discover_groups`), building the clustering features
 repair's `after_merge`, Fold-AR) and the output checks (`reference_output`, `check_output`);
 "total" is the median wall time of five unprofiled runs. CIFAR-style ResNet18 / VGG11-BN at
 width 32 on a 3x32x32 example (random weights: only shapes and k-means iterations matter), the
-real ImageNet MobileNetV2 on 3x224x224, ratio 0.3; SmolLM2-135M: the self-calibrated fold of
-20 % of all parameters (MLP), whose stages are text generation, the sensitivity pass and the
-layer-by-layer fold. The reference code's times (`../shared/reference/anchor_fmnist.md`, same
-2-core machine class, trained checkpoints) are quoted for ResNet18 / VGG11-BN at r = 0.3.
+real ImageNet MobileNetV2 on 3x224x224, ratio 0.3; SmolLM2-135M: the self-calibrated folds of
+20 % of all parameters (MLP) and of 50 % (MLP + attention), whose stages are text generation,
+the sensitivity pass, the head costs of the budget split and the layer-by-layer fold (which
+contains the sensitivity pass and the head costs). The reference code's times
+(`../shared/reference/anchor_fmnist.md`, same 2-core machine class, trained checkpoints) are
+quoted for ResNet18 / VGG11-BN at r = 0.3.
 Results: benchmarks/results/fold_time.md.
 """
 
@@ -43,6 +45,7 @@ GRAPH_STAGES = {
 LLM_STAGES = {
     "text generation": [("self_generated_tokens", "llm/repair.py")],
     "sensitivity pass": [("sensitive_layers", "llm/repair.py")],
+    "head costs": [("head_error_curves", "llm/repair.py")],
     "layer-by-layer fold": [("transform_llm", "llm/fold.py")],
 }
 # reference code, r = 0.3, s (anchor_fmnist.md): (Fold-Naive, Fold-AR)
@@ -96,23 +99,26 @@ def cnn_rows(name: str) -> list[str]:
     return rows
 
 
-def smollm2_row() -> str:
+def smollm2_rows() -> list[str]:
     from transformers import AutoModelForCausalLM
 
     from modelfold.zoo.llm import smollm2_folder
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_folder(), dtype=torch.float32).eval()
+    rows = []
+    for label, parts, target in (("MLP, 20 %", ("mlp",), 0.2),
+                                 ("MLP + attention, 50 %", ("mlp", "attention"), 0.5)):
+        def run(parts=parts, target=target):
+            return mf.fold(model, config=mf.LLMFoldConfig(target_sparsity=target, parts=parts,
+                                                          self_calibrate=True))
 
-    def run():
-        return mf.fold(model, config=mf.LLMFoldConfig(target_sparsity=0.2, self_calibrate=True))
-
-    start = time.perf_counter()
-    stages = stage_times(run, LLM_STAGES)
-    total = time.perf_counter() - start
-    row = ("| SmolLM2-135M | self-calibrated, 20 % | " + " | ".join(
-        f"{stages[s]:.1f}" for s in LLM_STAGES) + f" | **{total:.1f}** (profiled) |")
-    print(row, flush=True)
-    return row
+        start = time.perf_counter()
+        stages = stage_times(run, LLM_STAGES)
+        total = time.perf_counter() - start
+        rows.append(f"| SmolLM2-135M | self-calibrated, {label} | " + " | ".join(
+            f"{stages[s]:.1f}" for s in LLM_STAGES) + f" | **{total:.1f}** (profiled) |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
@@ -128,7 +134,7 @@ def main() -> None:
             lines += cnn_rows(name)
     if "smollm2" in names:
         lines += ["", "| model | fold | " + " | ".join(LLM_STAGES) + " | total |",
-                  "|---|---|" + "---|" * len(LLM_STAGES) + "---|", smollm2_row()]
+                  "|---|---|" + "---|" * len(LLM_STAGES) + "---|", *smollm2_rows()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "fold_time.md"
     out.with_suffix(".tmp").write_text("\n".join(lines) + "\n")

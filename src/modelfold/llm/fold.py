@@ -193,8 +193,10 @@ def _inertia_allocation(context: LLMFoldContext, plan: LayerPlan) -> LayerPlan:
 @register_llm_allocation("sensitivity", needs_text=True)
 def _sensitivity_allocation(context: LLMFoldContext, plan: LayerPlan) -> LayerPlan:
     if {"mlp", "attention"} <= set(plan.parts) and any(plan.ratios["attention"].values()):
-        plan = split_heads_and_mlp(context.model, context.arch, context.tokens, plan,
-                                   context.config.round_to, resident=context.resident)
+        plan, protected = split_heads_and_mlp(context.model, context.arch, context.tokens, plan,
+                                              context.config.round_to, resident=context.resident)
+        if protected:
+            return plan
     return protect_sensitive_layers(context.model, context.arch, context.tokens,
                                     context.config.round_to, plan, resident=context.resident)
 
@@ -205,7 +207,7 @@ MAX_MLP_RATIO = 0.8  # split_heads_and_mlp: MLP channels take the budget up to t
 def split_heads_and_mlp(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor,
                         plan: LayerPlan, round_to: int = 1, *,
                         resident: Callable[[int], AbstractContextManager] = always_resident
-                        ) -> LayerPlan:
+                        ) -> tuple[LayerPlan, bool]:
     """`allocation="sensitivity"` with MLPs and attention folded: the parameter count of `plan`
     split between MLP channels (one ratio for all layers) and query heads (per layer: u heads
     removed from every head group), MLP channels first. Query heads take only what the MLPs
@@ -213,7 +215,9 @@ def split_heads_and_mlp(model: nn.Module, arch: DecoderArchitecture, tokens: tor
     not keep whole, level by level: one head per group from every layer before
     two from any, the layers of a level taken where folding their heads costs least (expected
     KL divergence of folding and refitting them on held-out self-generated text:
-    `modelfold.llm.repair.head_error_curves`).
+    `modelfold.llm.repair.head_error_curves`, measured for a level only when the budget
+    reaches it). Returns (plan, whether its sensitive MLPs are protected already: so when no
+    head is folded and the plan is the MLP-only one the sensitivity pass measured).
 
     Why this order, and why 0.8 (measured on SmolLM2-135M, tail perplexity on 12 windows,
     docs/ablations.md): at 40 % of all parameters, MLP channels alone (ratio 0.70) give 26.9;
@@ -258,12 +262,14 @@ def split_heads_and_mlp(model: nn.Module, arch: DecoderArchitecture, tokens: tor
 
     # the layers the sensitivity allocation keeps whole when the budget is spent on MLP
     # channels alone give no channels: the cap applies to the MLPs of the others
-    mlp_only = LayerPlan(plan.parts, plan.ratios, plan.uniform, shapes,
+    mlp_only = LayerPlan(plan.parts, {**plan.ratios, "attention": dict.fromkeys(range(n), 0.0)},
+                         plan.uniform, shapes,
                          with_units([0] * n, widths_for([0] * n)), plan.params_before,
                          plan.params_after)
-    protected = {i for i, s in enumerate(protect_sensitive_layers(
-        model, arch, tokens, round_to, mlp_only, resident=resident).new_shapes)
-        if s.intermediate_size == full[i]}
+    mlp_protected = protect_sensitive_layers(model, arch, tokens, round_to, mlp_only,
+                                             resident=resident)
+    protected = {i for i, s in enumerate(mlp_protected.new_shapes)
+                 if s.intermediate_size == full[i]}
     mlp_total = base - predicted_parameter_count(model, arch, with_units(
         [0] * n, [w if i in protected else 0 for i, w in enumerate(full)]))
     removed = plan.params_before - plan.params_after
@@ -272,28 +278,33 @@ def split_heads_and_mlp(model: nn.Module, arch: DecoderArchitecture, tokens: tor
         return (removed - sum(a * c for a, c in zip(u, head_cost, strict=True))) / mlp_total
 
     units = [0] * n
-    if mlp_ratio(units) > MAX_MLP_RATIO:
-        if resident is not always_resident:
-            raise FoldError("allocation='sensitivity' ranks the query heads on loss gradients "
-                            "of the whole model; fold in memory, or give allocation='uniform' "
-                            "to a streamed fold.")
-        most = [g - 1 for g in group]
-        errors = head_error_curves(model, arch, tokens, most)
-        while mlp_ratio(units) > MAX_MLP_RATIO:
-            options = [i for i in range(n) if units[i] < most[i]]
-            if not options:
-                break
-            # level by level (every layer loses one head per group before any loses two),
-            # the cheapest layers of a level first
-            i = min(options, key=lambda j: (units[j], (errors[j][units[j] + 1]
-                                                       - errors[j][units[j]]) / head_cost[j]))
-            units[i] += 1
+    if mlp_ratio(units) <= MAX_MLP_RATIO:
+        return mlp_protected, True
+    if resident is not always_resident:
+        raise FoldError("allocation='sensitivity' ranks the query heads on loss gradients "
+                        "of the whole model; fold in memory, or give allocation='uniform' "
+                        "to a streamed fold.")
+    most = [g - 1 for g in group]
+    measured, errors = 0, [[0.0] for _ in range(n)]
+    while mlp_ratio(units) > MAX_MLP_RATIO:
+        options = [i for i in range(n) if units[i] < most[i]]
+        if not options:
+            break
+        level = min(units[i] for i in options) + 1
+        if level > measured:  # the costs of a deeper level only once the budget reaches it
+            measured = level
+            errors = head_error_curves(model, arch, tokens, [min(level, m) for m in most])
+        # level by level (every layer loses one head per group before any loses two),
+        # the cheapest layers of a level first
+        i = min((j for j in options if units[j] < level),
+                key=lambda j: (errors[j][units[j] + 1] - errors[j][units[j]]) / head_cost[j])
+        units[i] += 1
     new = with_units(units, widths_for(units))
     ratios = {**plan.ratios,
               "mlp": {i: 1 - s.intermediate_size / full[i] for i, s in enumerate(new)},
               "attention": {i: units[i] / group[i] for i in range(n)}}
     return LayerPlan(plan.parts, ratios, plan.uniform, shapes, new, plan.params_before,
-                     predicted_parameter_count(model, arch, new))
+                     predicted_parameter_count(model, arch, new)), False
 
 
 def protect_sensitive_layers(model: nn.Module, arch: DecoderArchitecture, tokens: torch.Tensor,
