@@ -13,7 +13,8 @@ real ImageNet MobileNetV2 on 3x224x224, ratio 0.3; SmolLM2-135M: the self-calibr
 the sensitivity pass, the head costs of the budget split and the layer-by-layer fold (which
 contains the sensitivity pass and the head costs). The reference code's times
 (`../shared/reference/anchor_fmnist.md`, same 2-core machine class, trained checkpoints) are
-quoted for ResNet18 / VGG11-BN at r = 0.3.
+quoted for ResNet18 / VGG11-BN at r = 0.3. A second table folds each CNN at seven ratios in a
+row, tracing the graph every time and once inside `modelfold.reuse_traces()` (as a sweep does).
 Results: benchmarks/results/fold_time.md.
 """
 
@@ -50,6 +51,7 @@ LLM_STAGES = {
 }
 # reference code, r = 0.3, s (anchor_fmnist.md): (Fold-Naive, Fold-AR)
 REFERENCE = {"resnet18": (1.86, 3.43), "vgg11_bn": (1.90, 2.77)}
+SWEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def stage_times(fn, stages: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
@@ -72,16 +74,39 @@ def wall(fn, runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def cnn_rows(name: str) -> list[str]:
+def cnn(name: str) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    """(model, example input, label) of a CNN row."""
     from modelfold.zoo import create_model
 
     torch.manual_seed(0)
     if name == "mobilenet_v2":
-        model, x = create_model("mobilenet_v2_imagenet", pretrained=True), torch.randn(1, 3, 224,
-                                                                                       224)
-    else:
-        model, x = create_model(name, width=32), torch.randn(1, 3, 32, 32)
-    model.eval()
+        return (create_model("mobilenet_v2_imagenet", pretrained=True).eval(),
+                torch.randn(1, 3, 224, 224), "MobileNetV2 (ImageNet)")
+    return create_model(name, width=32).eval(), torch.randn(1, 3, 32, 32), f"{name}-w32"
+
+
+def sweep_row(name: str) -> str:
+    """One model folded at SWEEP_RATIOS one after another (fold-naive), tracing every time
+    and inside `modelfold.reuse_traces()` (one trace); median of three runs each."""
+    model, x, label = cnn(name)
+
+    def folds():
+        for r in SWEEP_RATIOS:
+            mf.fold(model, x, ratio=r)
+
+    def reused():
+        with mf.reuse_traces():
+            folds()
+
+    folds()  # warm-up
+    each, once = wall(folds, runs=3), wall(reused, runs=3)
+    row = f"| {label} | {each:.3f} | {once:.3f} | {each / once:.2f}x |"
+    print(row, flush=True)
+    return row
+
+
+def cnn_rows(name: str) -> list[str]:
+    model, x, label_model = cnn(name)
     rows = []
     for label, repair in (("fold-naive", "none"), ("Fold-AR", "approx")):
         def run(repair=repair):
@@ -92,7 +117,6 @@ def cnn_rows(name: str) -> list[str]:
         total = wall(run)
         ref = REFERENCE.get(name)
         reference = f"{ref[0 if repair == 'none' else 1]:.2f}" if ref else "-"
-        label_model = f"{name}-w32" if name != "mobilenet_v2" else "MobileNetV2 (ImageNet)"
         rows.append(f"| {label_model} | {label} | " + " | ".join(
             f"{stages[s]:.3f}" for s in GRAPH_STAGES) + f" | **{total:.3f}** | {reference} |")
         print(rows[-1], flush=True)
@@ -129,9 +153,14 @@ def main() -> None:
     lines = [f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; seconds.", "",
              "| model | fold | " + " | ".join(GRAPH_STAGES) + " | total | reference code |",
              "|---|---|" + "---|" * len(GRAPH_STAGES) + "---|---|"]
-    for name in names:
-        if name != "smollm2":
-            lines += cnn_rows(name)
+    cnns = [name for name in names if name != "smollm2"]
+    for name in cnns:
+        lines += cnn_rows(name)
+    if cnns:
+        lines += ["", f"One model folded at {len(SWEEP_RATIOS)} ratios "
+                  f"({SWEEP_RATIOS[0]}-{SWEEP_RATIOS[-1]}, fold-naive) one after another:", "",
+                  "| model | traced every fold, s | inside reuse_traces(), s | speed-up |",
+                  "|---|---|---|---|", *(sweep_row(name) for name in cnns)]
     if "smollm2" in names:
         lines += ["", "| model | fold | " + " | ".join(LLM_STAGES) + " | total |",
                   "|---|---|" + "---|" * len(LLM_STAGES) + "---|", *smollm2_rows()]

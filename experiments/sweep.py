@@ -61,7 +61,12 @@ LABELS = {"fold-naive": "Fold-Naive", "fold-r": "Fold-R", "fold-ar": "Fold-AR",
 SEED_FREE = {"sp-l1", "sp-l2", "sp-l1-r", "sp-l2-r", "ifm", "inn", "neuron-merging",
              "intra-fusion"}
 FIELDS = ["model", "width", "protocol", "method", "ratio", "seed", "params", "sparsity", "macs",
-          "accuracy", "fold_s", "latency_ratio"]
+          "accuracy", "fold_s", "latency_ratio", "budget"]
+# sweep budget -> the FoldConfig field its targets go to ("ratio": the targets are ratios)
+BUDGETS = {"ratio": None, "sparsity": "target_sparsity", "macs": "target_macs",
+           "memory": "target_memory", "latency": "target_latency"}
+BUDGET_LABELS = {"ratio": "ratio", "sparsity": "parameters removed", "macs": "MACs removed",
+                 "memory": "weight bytes removed", "latency": "latency removed"}
 
 
 @dataclass
@@ -79,7 +84,7 @@ class ModelSpec:
 class SweepConfig:
     models: list[ModelSpec]
     methods: list[str]
-    ratios: list[float]
+    ratios: list[float]  # the targets of `budget` (fractions of the dense model's amount)
     seeds: list[int] = field(default_factory=lambda: [0])
     protocols: list[str] = field(default_factory=lambda: ["whole"])
     # None = all 10,000 test images; the first 5,000 (class-balanced within 5%) halve the cost
@@ -89,6 +94,10 @@ class SweepConfig:
         default_factory=lambda: asdict(DeepInversionConfig.preset("cpu")))
     latency_batch: int = 256
     latency_runs: int = 5
+    # what the ratios are: "ratio" (every group's share of channels, the paper), or the share
+    # to remove of the parameters ("sparsity"), MACs ("macs"), weight bytes ("memory") or
+    # measured latency at `latency_batch` ("latency"); see `_budget_cell`
+    budget: str = "ratio"
 
 
 def _di(cfg: SweepConfig) -> dict[str, Any]:
@@ -97,8 +106,9 @@ def _di(cfg: SweepConfig) -> dict[str, Any]:
 
 def _fold(repair: str, clusterer: str = "kmeans",
           allocation: str = "uniform") -> Callable[..., nn.Module]:
-    def run(model, example, ratio, seed, calibration, module_ratios, cfg):
-        config = mf.FoldConfig(ratio=ratio, seed=seed, repair=repair, clusterer=clusterer,
+    def run(model, example, ratio, seed, calibration, module_ratios, cfg, budget=None):
+        config = mf.FoldConfig(**(budget or {"ratio": ratio}), seed=seed, repair=repair,
+                               clusterer=clusterer,
                                allocation=allocation, module_ratios=module_ratios,
                                deep_inversion=_di(cfg),
                                calibration_samples=cfg.calibration_samples)
@@ -122,7 +132,7 @@ LABELS.update({name: _SHORT_LABELS[name.split("-")[1]] + (" + Hartigan" if "-h" 
 
 
 def _prune(p: int, reset: bool) -> Callable[..., nn.Module]:
-    def run(model, example, ratio, seed, calibration, module_ratios, cfg):
+    def run(model, example, ratio, seed, calibration, module_ratios, cfg, budget=None):
         return magnitude_prune(model, example, ratio=ratio, p=p, module_ratios=module_ratios,
                                reset_bn=calibration if reset else None,
                                calibration_samples=cfg.calibration_samples)
@@ -130,7 +140,7 @@ def _prune(p: int, reset: bool) -> Callable[..., nn.Module]:
 
 
 def _merge(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    def run(model, example, ratio, seed, calibration, module_ratios, cfg):
+    def run(model, example, ratio, seed, calibration, module_ratios, cfg, budget=None):
         return fn(model, example, ratio=ratio, module_ratios=module_ratios)
     return run
 
@@ -164,14 +174,17 @@ def protocol_ratios(model: nn.Module, protocol: str, ratio: float) -> tuple[floa
 
 def _key(row: dict) -> tuple:
     return (row["model"], str(row["width"]), row["protocol"], row["method"],
-            f"{float(row['ratio']):.4f}", str(row["seed"]))
+            f"{float(row['ratio']):.4f}", str(row["seed"]), row.get("budget") or "ratio")
 
 
 def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+        rows = list(csv.DictReader(fh))
+    for row in rows:  # files written before budgets existed hold ratios
+        row["budget"] = row.get("budget") or "ratio"
+    return rows
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -194,6 +207,12 @@ def run_sweep(cfg: SweepConfig, out_dir: Path, name: str = "sweep",
     for method in cfg.methods:
         if method not in METHODS:
             raise FoldError(f"unknown method {method!r}; known: {sorted(METHODS)}.")
+    if cfg.budget not in BUDGETS:
+        raise FoldError(f"SweepConfig.budget: unknown budget {cfg.budget!r}; known: "
+                        f"{list(BUDGETS)}.")
+    if cfg.budget != "ratio" and cfg.protocols != ["whole"]:
+        raise FoldError(f"SweepConfig.budget={cfg.budget!r} spends a budget over the whole "
+                        f"model; it needs protocols ['whole'], got {cfg.protocols}.")
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{name}.csv"
     rows = read_rows(csv_path)
@@ -225,13 +244,15 @@ def _spec_cells(spec: ModelSpec, cfg: SweepConfig):
                     yield protocol, ratio, seed, method
 
 
-def _cell_row(spec: ModelSpec, protocol: str, method: str, ratio: float, seed: int) -> dict:
+def _cell_row(spec: ModelSpec, protocol: str, method: str, ratio: float, seed: int,
+              budget: str = "ratio") -> dict:
     return {"model": spec.name, "width": spec.width, "protocol": protocol, "method": method,
-            "ratio": ratio, "seed": seed}
+            "ratio": ratio, "seed": seed, "budget": budget}
 
 
 def _log_line(spec: ModelSpec, row: dict) -> str:
-    return (f"{spec.label} {row['protocol']} {row['method']} r={row['ratio']:.2f} "
+    target = "r" if row["budget"] == "ratio" else BUDGET_LABELS[row["budget"]]
+    return (f"{spec.label} {row['protocol']} {row['method']} {target}={row['ratio']:.2f} "
             f"seed={row['seed']}: acc {row['accuracy']:.2%}, sparsity {row['sparsity']:.1%}, "
             f"{row['fold_s']:.2f} s")
 
@@ -263,10 +284,12 @@ def _compress_cell(spec: ModelSpec, model: nn.Module, data: tuple, protocol: str
     from experiments.train import evaluate_accuracy
 
     test, calibration, example = data
-    row = _cell_row(spec, protocol, method, ratio, seed)
+    row = _cell_row(spec, protocol, method, ratio, seed, cfg.budget)
     g_ratio, m_ratios = protocol_ratios(model, protocol, ratio)
+    budget, g_ratio = _budget_cell(spec, model, example, method, ratio, g_ratio, cfg, dense)
     start = time.perf_counter()
-    folded = METHODS[method](model, example, g_ratio, seed, calibration, m_ratios, cfg)
+    folded = METHODS[method](model, example, g_ratio, seed, calibration, m_ratios, cfg,
+                             budget=budget)
     fold_s = time.perf_counter() - start
     folded = _channels_last(folded)
     params = sum(p.numel() for p in folded.parameters())
@@ -283,30 +306,72 @@ def _compress_cell(spec: ModelSpec, model: nn.Module, data: tuple, protocol: str
     return row
 
 
+# (model, budget, target) -> the uniform ratio spending it, solved once per process
+_SOLVED: dict[tuple, float] = {}
+
+
+def _budget_cell(spec: ModelSpec, model: nn.Module, example: torch.Tensor, method: str,
+                 target: float, ratio: float, cfg: SweepConfig, dense: dict
+                 ) -> tuple[dict[str, Any] | None, float]:
+    """(FoldConfig budget fields, ratio) of a cell. Folds spend a parameter, MAC or memory
+    budget themselves (`target_*`, so allocations like "inertia" spend it their way); the other
+    methods remove the same share of every group, at the uniform ratio the fold solves for it
+    (`modelfold.graph_fold.uniform_ratio`). A latency budget is solved once per target by the
+    `target_latency` search on the sweep's latency batch, and every method, folds included,
+    compresses at that ratio: one timing per target, not one per cell."""
+    if cfg.budget == "ratio":
+        return None, ratio
+    from modelfold.graph_fold import uniform_ratio
+    from modelfold.merge.apply import memory_bytes
+
+    field_name = BUDGETS[cfg.budget]
+    value: float | int = target
+    if cfg.budget == "memory":
+        value = int((1.0 - target) * memory_bytes(model))
+    fields = {field_name: value}
+    if cfg.budget != "latency" and method.startswith("fold"):
+        return fields, ratio
+    key = (spec.label, spec.epochs, cfg.budget, target)
+    if key not in _SOLVED:
+        inputs = dense["batch"] if cfg.budget == "latency" else example
+        _SOLVED[key] = uniform_ratio(model, inputs, **fields)
+    return None, _SOLVED[key]
+
+
 def _run_serial(cfg: SweepConfig, rows: list[dict], done: set, measured_latency: dict,
                 csv_path: Path, log: Callable[[str], None]) -> None:
-    from experiments.train import evaluate_accuracy, pretrained_fashion_mnist
+    from experiments.train import pretrained_fashion_mnist
 
     data = _load_data(cfg)
-    test, _, example = data
     for spec in cfg.models:
         model = pretrained_fashion_mnist(spec.name, width=spec.width, epochs=spec.epochs)
-        dense = None
-        latencies: dict[tuple, float] = {}
-        for protocol, ratio, seed, method in _spec_cells(spec, cfg):
-            if _key(_cell_row(spec, protocol, method, ratio, seed)) in done:
-                continue
-            if dense is None:
-                dense = _dense_row(spec, model, test, example, cfg, evaluate_accuracy)
-                if _key(dense["row"]) not in done:
-                    rows.append(dense["row"])
-                    done.add(_key(dense["row"]))
-            row = _compress_cell(spec, model, data, protocol, method, ratio, seed, cfg, dense,
-                                 latencies, measured_latency)
-            rows.append(row)
-            done.add(_key(row))
-            write_rows(csv_path, rows)
-            log(_log_line(spec, row))
+        with mf.reuse_traces():  # every cell of the model folds a copy of one trace
+            _run_model_cells(spec, model, cfg, data, rows, done, measured_latency, csv_path,
+                             log)
+
+
+def _run_model_cells(spec: ModelSpec, model: nn.Module, cfg: SweepConfig, data: tuple,
+                     rows: list[dict], done: set, measured_latency: dict, csv_path: Path,
+                     log: Callable[[str], None]) -> None:
+    from experiments.train import evaluate_accuracy
+
+    test, _, example = data
+    dense = None
+    latencies: dict[tuple, float] = {}
+    for protocol, ratio, seed, method in _spec_cells(spec, cfg):
+        if _key(_cell_row(spec, protocol, method, ratio, seed, cfg.budget)) in done:
+            continue
+        if dense is None:
+            dense = _dense_row(spec, model, test, example, cfg, evaluate_accuracy)
+            if _key(dense["row"]) not in done:
+                rows.append(dense["row"])
+                done.add(_key(dense["row"]))
+        row = _compress_cell(spec, model, data, protocol, method, ratio, seed, cfg, dense,
+                             latencies, measured_latency)
+        rows.append(row)
+        done.add(_key(row))
+        write_rows(csv_path, rows)
+        log(_log_line(spec, row))
 
 
 # per-process cache of a Ray worker (data, models, dense references, latencies), so a worker
@@ -363,7 +428,7 @@ def _run_ray(address: str, cfg: SweepConfig, rows: list[dict], done: set,
     ray = _import_ray()
     cells = [(spec, protocol, ratio, seed, method) for spec in cfg.models
              for protocol, ratio, seed, method in _spec_cells(spec, cfg)
-             if _key(_cell_row(spec, protocol, method, ratio, seed)) not in done]
+             if _key(_cell_row(spec, protocol, method, ratio, seed, cfg.budget)) not in done]
     if not cells:
         return
     for spec in {(s.name, s.width, s.epochs): s for s, *_ in cells}.values():
@@ -434,29 +499,31 @@ def _dense_row(spec: ModelSpec, model: nn.Module, test, example, cfg: SweepConfi
     row = {"model": spec.name, "width": spec.width, "protocol": "whole", "method": "dense",
            "ratio": 0.0, "seed": 0, "params": params, "sparsity": 0.0,
            "macs": count_macs(model, example), "accuracy": evaluate_accuracy(model, test),
-           "fold_s": 0.0, "latency_ratio": 1.0}
+           "fold_s": 0.0, "latency_ratio": 1.0, "budget": "ratio"}
     return {"row": row, "params": params, "batch": batch,
             "latency": median_latency(model, batch, runs=cfg.latency_runs)}
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean and std over seeds of every (model, width, protocol, method, ratio)."""
+    """Mean and std over seeds of every (model, width, protocol, method, budget, target)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["model"], int(r["width"]), r["protocol"], r["method"], float(r["ratio"]))
+        key = (r["model"], int(r["width"]), r["protocol"], r["method"],
+               r.get("budget") or "ratio", float(r["ratio"]))
         groups.setdefault(key, []).append(r)
     out = []
     order = ["dense", *LABELS]
 
     def sort_key(item):
-        (model, width, protocol, method, ratio), _ = item
+        (model, width, protocol, method, budget, ratio), _ = item
         rank = order.index(method) if method in order else len(order)
-        return (model, width, protocol, ratio, rank, method)
+        return (model, width, protocol, budget, ratio, rank, method)
 
-    for (model, width, protocol, method, ratio), rs in sorted(groups.items(), key=sort_key):
+    for (model, width, protocol, method, budget, ratio), rs in sorted(groups.items(),
+                                                                       key=sort_key):
         acc = [float(r["accuracy"]) for r in rs]
         out.append({"model": model, "width": width, "protocol": protocol, "method": method,
-                    "ratio": ratio, "seeds": len(rs),
+                    "budget": budget, "ratio": ratio, "seeds": len(rs),
                     "sparsity": statistics.fmean(float(r["sparsity"]) for r in rs),
                     "params": int(statistics.fmean(float(r["params"]) for r in rs)),
                     "macs": int(statistics.fmean(float(r["macs"]) for r in rs)),
@@ -468,20 +535,24 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | protocol | method | ratio | param. sparsity | MACs | test accuracy "
+    lines = ["| model | protocol | method | target | param. sparsity | MACs | test accuracy "
              "(mean ± std) | seeds | fold s | latency vs dense |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in aggregate(rows):
+        target = (f"{r['ratio']:.2f}" if r["budget"] == "ratio" or r["method"] == "dense" else
+                  f"{r['ratio']:.0%} {BUDGET_LABELS[r['budget']]}")
         lines.append(
             f"| {r['model']}-w{r['width']} | {r['protocol']} | {r['method']} | "
-            f"{r['ratio']:.2f} | {r['sparsity']:.1%} | {r['macs']:,} | "
+            f"{target} | {r['sparsity']:.1%} | {r['macs']:,} | "
             f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f} | {r['seeds']} | "
             f"{r['fold_s']:.2f} | {r['latency_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_rows(rows: list[dict], stem: Path) -> list[Path]:
-    """One PNG per (model, protocol): accuracy vs parameter sparsity, one line per method."""
+    """One PNG per (model, protocol, budget): accuracy vs the budget's reduction (parameter
+    sparsity for ratios, parameter and memory budgets; MACs removed; latency removed), one
+    line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -489,21 +560,29 @@ def plot_rows(rows: list[dict], stem: Path) -> list[Path]:
 
     agg = aggregate(rows)
     written = []
-    panels = sorted({(r["model"], r["width"], r["protocol"]) for r in agg
+    panels = sorted({(r["model"], r["width"], r["protocol"], r["budget"]) for r in agg
                      if r["method"] != "dense"})
-    for model, width, protocol in panels:
+    dense_macs = {(r["model"], r["width"]): r["macs"] for r in agg if r["method"] == "dense"}
+    for model, width, protocol, budget in panels:
         fig, ax = plt.subplots(figsize=(8.0, 4.4))
-        present = [m for m in LABELS if any((r["model"], r["width"], r["protocol"],
-                                             r["method"]) == (model, width, protocol, m)
-                                            for r in agg)]
+        panel = [r for r in agg if (r["model"], r["width"], r["protocol"], r["budget"]) ==
+                 (model, width, protocol, budget)]
+
+        def reduction(r: dict, budget: str = budget, model: str = model,
+                      width: int = width) -> float:
+            if budget == "macs":
+                return 1.0 - r["macs"] / dense_macs.get((model, width), r["macs"])
+            if budget == "latency":
+                return 1.0 - r["latency_ratio"]
+            return r["sparsity"]
+
+        present = [m for m in LABELS if any(r["method"] == m for r in panel)]
         colors = plt.cm.tab10 if len(present) <= 10 else plt.cm.tab20
         for index, method in enumerate(present):
             label = LABELS[method]
-            pts = sorted((r for r in agg if (r["model"], r["width"], r["protocol"],
-                                              r["method"]) == (model, width, protocol, method)),
-                         key=lambda r: r["sparsity"])
+            pts = sorted((r for r in panel if r["method"] == method), key=reduction)
             if pts:
-                ax.errorbar([100 * r["sparsity"] for r in pts],
+                ax.errorbar([100 * reduction(r) for r in pts],
                             [100 * r["accuracy"] for r in pts],
                             yerr=[100 * r["accuracy_std"] for r in pts], marker="o",
                             markersize=4, capsize=2, label=label, color=colors(index),
@@ -514,13 +593,15 @@ def plot_rows(rows: list[dict], stem: Path) -> list[Path]:
         if dense:
             ax.axhline(100 * dense[0]["accuracy"], color="grey", ls="--", label="dense")
         ax.axhline(10, color="lightgrey", ls=":", label="chance")
-        ax.set_xlabel("parameter sparsity (%)")
+        ax.set_xlabel({"macs": "MACs removed (%)", "latency": "measured latency removed (%)"}
+                      .get(budget, "parameter sparsity (%)"))
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{model} (width {width}), Fashion-MNIST, {protocol}, no fine-tuning")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = Path(f"{stem}_{model}-w{width}_{protocol}.png")
+        suffix = "" if budget == "ratio" else f"_{budget}"
+        path = Path(f"{stem}_{model}-w{width}_{protocol}{suffix}.png")
         tmp = path.with_suffix(".tmp.png")
         fig.savefig(tmp, dpi=120)
         plt.close(fig)
@@ -559,6 +640,7 @@ def preset(name: str) -> SweepConfig:
 
 
 __all__ = [
+    "BUDGETS",
     "METHODS",
     "PRESETS",
     "PROTOCOLS",

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import modelfold as mf
+import modelfold.graph_fold
 import modelfold.latency
 from conftest import make_model
 from modelfold.macs import count_macs, run_model
@@ -90,3 +91,11 @@ def test_cli_fold_with_target_latency(tmp_path, mac_clock):
     result = CliRunner().invoke(app, ["fold", str(tmp_path / "dense"), "--target-latency",
                                       "0.3", "--ratio", "0.2", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "only one of" in result.output
+
+
+def test_target_latency_search_traces_the_model_once(mac_clock, monkeypatch):
+    traces, real = [], modelfold.graph_fold.discover_groups
+    monkeypatch.setattr(modelfold.graph_fold, "discover_groups",
+                        lambda *a, **k: traces.append(1) or real(*a, **k))
+    mf.fold(make_model("resnet18"), X, target_latency=0.4)
+    assert len(mac_clock.calls) == 8 and len(traces) == 1  # seven folds, one trace

@@ -447,7 +447,12 @@ def sweep(
     = None,
     methods: Annotated[str | None, typer.Option(
         help="Comma-separated method ids (default: the preset's).")] = None,
-    ratios: Annotated[str | None, typer.Option(help="Comma-separated ratios.")] = None,
+    ratios: Annotated[str | None, typer.Option(
+        help="Comma-separated ratios, or targets of --budget.")] = None,
+    budget: Annotated[str, typer.Option(
+        help="What --ratios are: ratio (every group's share of channels), or the share to "
+             "remove of the parameters (sparsity), MACs (macs), weight bytes (memory) or "
+             "measured latency (latency).")] = "ratio",
     seeds: Annotated[str | None, typer.Option(help="Comma-separated clustering seeds.")]
     = None,
     ray: Annotated[str | None, typer.Option(
@@ -482,6 +487,11 @@ def sweep(
         fail(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2.")
     for r in cfg.ratios:
         _check_ratio("--ratios", r)
+    if budget not in experiment.BUDGETS:
+        fail(f"--budget {budget!r} is unknown; budgets: {', '.join(experiment.BUDGETS)}.")
+    cfg.budget = budget
+    if budget != "ratio":
+        cfg.protocols = ["whole"]  # a budget is spent over the whole model
     experiment.run_sweep(cfg, out, name or f"sweep_{preset.replace('-', '_')}",
                          log=lambda line: console.print(line), ray=ray)
     console.print(f"[green]wrote[/] {out}")

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelfold.budget import BudgetCost, budget_cost, cluster_counts
+from modelfold.budget import BudgetCost, budget_cost, budget_target, cluster_counts
 from modelfold.cluster import cluster_channels, group_features
 from modelfold.config import FoldConfig, register_pipeline
 from modelfold.errors import FoldError, check_parameters
 from modelfold.graph import GroupDiscovery, discover_groups
+from modelfold.graph.reuse import keep_trace, reuse_traces, reused_trace
 from modelfold.macs import count_macs
 from modelfold.merge.apply import apply_plan, memory_bytes, predicted_parameter_count
 from modelfold.merge.plan import FoldPlan, GroupPlan
@@ -64,10 +65,8 @@ def fold_graph(
 
     attrs_before = {n: simple_attrs(m) for n, m in model.named_modules()}
     was_training = model.training
-    work = model if inplace else copy.deepcopy(model)
-    work = work.to(dev)
     inputs = to_device(example_inputs, dev)
-    reference = reference_output(work, inputs)
+    work, reference, discovery = copy_and_trace(model, inputs, ignored_names, dev, inplace)
 
     if not (repairer.needs_original or config.self_calibrate):
         original = work  # unused by the repair
@@ -75,8 +74,6 @@ def fold_graph(
         original = copy.deepcopy(work)  # work is still unfolded here
     else:
         original = model  # only read (hooks, eval mode restored afterwards)
-    modules = dict(work.named_modules())
-    discovery = discover_groups(work, inputs, ignored=[modules[n] for n in ignored_names])
     params_before = count_parameters(work)
     if params_before == 0:
         raise FoldError("the model has no parameters to fold.")
@@ -174,11 +171,24 @@ def fold_to_latency(model: nn.Module, example_inputs: Any, config: FoldConfig,
                             inplace=in_place, **options)
         return folded, median_latency(folded, inputs)
 
+    with reuse_traces():  # one trace for the whole search
+        folded, seconds = _latency_search(fold_at, config.target_latency, dense, goal, dev,
+                                          inplace)
+    record = getattr(folded, RECORD_ATTR)
+    record.config = config.to_dict()
+    record.extra.update(latency_before_s=dense, latency_goal_s=goal, latency_after_s=seconds)
+    return folded
+
+
+def _latency_search(fold_at, target: float, dense: float, goal: float, dev: torch.device,
+                    inplace: bool) -> tuple[nn.Module, float]:
+    """The bisection of `fold_to_latency`: (fold, its seconds) at the smallest ratio that
+    meets `goal`."""
     lo, hi = 0.0, LATENCY_MAX_RATIO
     best = fold_at(hi)
     if best[1] > goal:
         raise FoldError(
-            f"target_latency={config.target_latency}: even ratio {hi} runs in "
+            f"target_latency={target}: even ratio {hi} runs in "
             f"{best[1] * 1e3:.3f} ms, {1 - best[1] / dense:.1%} below the dense "
             f"{dense * 1e3:.3f} ms on {dev} (goal {goal * 1e3:.3f} ms): this model's time is "
             "not in the folded layers at this input size. Lower the target or use a larger "
@@ -191,11 +201,42 @@ def fold_to_latency(model: nn.Module, example_inputs: Any, config: FoldConfig,
             hi, best, best_ratio = mid, (folded, seconds), mid
         else:
             lo = mid
-    folded, seconds = fold_at(best_ratio, in_place=True) if inplace else best
-    record = getattr(folded, RECORD_ATTR)
-    record.config = config.to_dict()
-    record.extra.update(latency_before_s=dense, latency_goal_s=goal, latency_after_s=seconds)
-    return folded
+    return fold_at(best_ratio, in_place=True) if inplace else best
+
+
+def uniform_ratio(model: nn.Module, example_inputs: Any, **budget: Any) -> float:
+    """The uniform ratio `fold` solves for one budget (`target_sparsity=`, `target_macs=`,
+    `target_memory=` or `target_latency=`, as in `FoldConfig`) on `model`: what a structured
+    method that removes the same share of every group's channels must use to spend the same
+    budget. A latency budget runs the `target_latency` search (Fold-Naive, timed here)."""
+    config = FoldConfig(**budget)
+    if budget_target(config)[1] is None and config.target_latency is None:
+        raise FoldError(f"uniform_ratio needs one budget of {FoldConfig.budget_fields[1:]}, "
+                        f"got {sorted(budget)}.")
+    if config.target_latency is not None:
+        return getattr(fold_to_latency(model, example_inputs, config), RECORD_ATTR).ratio
+    dev = device_of(model)
+    inputs = to_device(example_inputs, dev)
+    work, _, discovery = copy_and_trace(model, inputs, [], dev)
+    return cluster_counts(work, discovery, config, inputs)[0]
+
+
+def copy_and_trace(model: nn.Module, inputs: Any, ignored_names: list[str],
+                   dev: torch.device, inplace: bool = False
+                   ) -> tuple[nn.Module, Any, GroupDiscovery]:
+    """(the model to fold: a copy of `model` on `dev`, or `model` itself when `inplace`; its
+    output on `inputs`; its channel groups). Inside `modelfold.reuse_traces()` a copy comes
+    with the groups of an earlier trace of the same model instead of a new trace."""
+    hit = None if inplace else reused_trace(model, inputs, ignored_names, dev)
+    work = hit[0] if hit else (model if inplace else copy.deepcopy(model)).to(dev)
+    reference = reference_output(work, inputs)
+    if hit:
+        return work, reference, hit[1]
+    modules = dict(work.named_modules())
+    discovery = discover_groups(work, inputs, ignored=[modules[n] for n in ignored_names])
+    if not inplace:
+        keep_trace(model, inputs, ignored_names, dev, work, discovery)
+    return work, reference, discovery
 
 
 def check_macs(folded: nn.Module, inputs: Any, config: FoldConfig, cost: BudgetCost,

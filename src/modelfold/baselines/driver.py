@@ -9,7 +9,6 @@ Intra-Fusion combine channels. The user's model is never modified.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,13 +19,14 @@ from torch import nn
 from modelfold.budget import check_ratio, group_ratio, kept_channels
 from modelfold.cluster.features import channel_blocks
 from modelfold.errors import FoldError, check_parameters
-from modelfold.graph import ChannelGroup, discover_groups
+from modelfold.graph import ChannelGroup
 from modelfold.graph_fold import (
     check_output,
     check_targets,
+    copy_and_trace,
     count_parameters,
+    device_of,
     group_infos,
-    reference_output,
     to_device,
 )
 from modelfold.merge.apply import ChannelMap, apply_channel_maps, predicted_parameter_count
@@ -112,14 +112,11 @@ def compress(
     for name, r in module_ratios.items():
         check_ratio(r, f"module_ratios[{name!r}]")
     ignored_names = check_targets(model, ignored, module_ratios)
-    work = copy.deepcopy(model)
-    modules = dict(work.named_modules())
-    dev = next(work.parameters()).device
+    dev = device_of(model)
     inputs = to_device(example_inputs, dev)
     attrs_before = {n: simple_attrs(m) for n, m in model.named_modules()}
-    was_training = work.training
-    reference = reference_output(work, inputs)
-    discovery = discover_groups(work, inputs, ignored=[modules[n] for n in ignored_names])
+    was_training = model.training
+    work, reference, discovery = copy_and_trace(model, inputs, ignored_names, dev)
     params_before = count_parameters(work)
     targets = {}
     for group in discovery.groups:
