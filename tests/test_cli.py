@@ -61,6 +61,11 @@ def test_fold_command_beyond_the_paper_options(tmp_path, example):
     widths = [m.out_channels for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(w % 4 == 0 for w in widths)
     assert folded(example).shape == (2, 10)
+    result = runner.invoke(app, ["fold", str(tmp_path / "dense"), "--ratio", "0.4",
+                                 "--round-to", "auto", "--out", str(tmp_path / "auto")])
+    assert result.exit_code == 0, result.output
+    record = mf.load(tmp_path / "auto")._modelfold_record
+    assert record.config["round_to"] == record.extra["round_to_auto"]["round_to"]
 
 
 def test_errors_are_clean_messages_with_exit_code_2(tmp_path):

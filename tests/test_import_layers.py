@@ -33,7 +33,7 @@ LAYERS: list[set[str]] = [
     {"budget"},  # parameter budget -> channels kept per group (allocations)
     {"repair"},
     {"config"},
-    {"calibrate", "llm", "graph_fold"},  # fold pipelines
+    {"calibrate", "llm", "graph_fold", "rounding"},  # fold pipelines
     {"api", "summary"},
     {"baselines", "io"},  # compression baselines; save and load
     {""},  # the package root: its public API

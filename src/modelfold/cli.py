@@ -313,8 +313,9 @@ def fold(
     clusterer: Annotated[str | None, typer.Option(
         help="kmeans, hartigan or ward (default kmeans).")]
     = None,
-    round_to: Annotated[int | None, typer.Option(
-        help="Round kept channel counts to multiples of this (default 1).")] = None,
+    round_to: Annotated[str | None, typer.Option(
+        help="Round kept channel counts to multiples of this (default 1), or auto: the "
+             "multiple whose fold runs fastest on this device, measured.")] = None,
     allocation: Annotated[str | None, typer.Option(
         help="uniform (same ratio in every group) or inertia (same parameter or MAC count "
              "spread by clustering distortion) (default uniform).")] = None,
@@ -357,12 +358,18 @@ def fold(
     _check_ratio("--target-macs", target_macs)
     _check_ratio("--target-latency", target_latency)
     _check_positive("--target-memory", target_memory)
+    rounding: int | str | None = round_to
+    if round_to is not None and round_to != "auto":
+        try:
+            rounding = int(round_to)
+        except ValueError:
+            fail(f"--round-to {round_to!r} must be a positive integer or auto.")
     shape = _parse_shape(input_shape)
     cfg = _fold_config(config, {"ratio": ratio, "target_sparsity": target_sparsity,
                                 "target_macs": target_macs, "target_memory": target_memory,
                                 "target_latency": target_latency,
                                 "seed": seed, "clusterer": clusterer, "repair": repair,
-                                "round_to": round_to, "allocation": allocation,
+                                "round_to": rounding, "allocation": allocation,
                                 "self_calibrate": True if self_calibrate else None}, di_preset)
     if cfg.repair == "data" and calibration is None:
         fail("--repair data needs --calibration (a tensor file, .safetensors or .pt, or "

@@ -39,6 +39,7 @@ class PipelineConfig:
     VERSION: ClassVar[int] = CONFIG_VERSION
     applies_to: ClassVar[str] = ""
     budget_fields: ClassVar[tuple[str, ...]] = ("ratio", "target_sparsity")
+    auto_round_to: ClassVar[bool] = False  # whether round_to="auto" (measured) is accepted
     _classes: ClassVar[list[type[PipelineConfig]]] = []
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -66,6 +67,8 @@ class PipelineConfig:
         for f, names in self.choices().items():
             self.check_choice(f, names())
         for f in ("n_init", "max_iter", "round_to"):
+            if f == "round_to" and getattr(self, f, None) == "auto" and self.auto_round_to:
+                continue  # measured when folding (`modelfold.rounding`)
             if hasattr(self, f):
                 check_positive_int(self, f)
         seed = getattr(self, "seed", 0)
@@ -159,7 +162,11 @@ class FoldConfig(PipelineConfig):
             spread over the groups by their Ward clustering-distortion curves: redundant groups
             fold harder). An allocation registered for parameters only refuses `target_macs`.
         round_to: kept channel counts are rounded to a multiple of this (1 = the paper's exact
-            k; 8 or 64 let GPU kernels run at full speed on the folded shapes).
+            k; 8 or 64 let GPU kernels run at full speed on the folded shapes), or "auto": the
+            multiple of 1, 8, 16, 32, 64 whose fold at the same budget runs fastest on
+            `example_inputs` on the folding device, measured by folding with each
+            (`modelfold.rounding`; a plain `ratio` is then spent as the MACs it removes with
+            exact counts, and the record keeps the timings).
         n_init, max_iter, tol: k-means restarts, Lloyd iterations and relative-shift tolerance.
         seed: seed of the clustering (the result is deterministic for a given seed).
         sparsity_tolerance: allowed gap between the achieved and the target reduction
@@ -186,6 +193,7 @@ class FoldConfig(PipelineConfig):
     applies_to: ClassVar[str] = "the graph-based path (FoldConfig)"
     budget_fields: ClassVar[tuple[str, ...]] = ("ratio", "target_sparsity", "target_macs",
                                                 "target_memory", "target_latency")
+    auto_round_to: ClassVar[bool] = True
 
     ratio: float | None = None
     target_sparsity: float | None = None
@@ -197,7 +205,7 @@ class FoldConfig(PipelineConfig):
     features: str = "full"
     normalize_blocks: bool = False
     allocation: str = "uniform"
-    round_to: int = 1
+    round_to: int | str = 1
     n_init: int = 3
     max_iter: int = 100
     tol: float = 1e-6

@@ -51,6 +51,20 @@ def fold_graph(
     each cluster (arguments as `modelfold.fold`)."""
     if not isinstance(config, FoldConfig):
         raise FoldError(f"`config` must be a FoldConfig, got {type(config).__name__}.")
+    if config.round_to == "auto":
+        from modelfold.rounding import resolve_round_to
+
+        options = {"ignored": tuple(ignored), "device": device, "calibration": calibration}
+        dev = resolve_device(device, model)
+        inputs = to_device(example_inputs, dev)
+        dense = model if device_of(model) == dev else copy.deepcopy(model).to(dev)
+        with reuse_traces():  # one trace for the candidates and the fold
+            config, measured = resolve_round_to(
+                config, inputs, count_macs(dense, inputs),
+                lambda c: fold_graph(model, example_inputs, c, **options))
+            folded = fold_graph(model, example_inputs, config, inplace=inplace, **options)
+        getattr(folded, RECORD_ATTR).extra["round_to_auto"] = measured
+        return folded
     if config.target_latency is not None:
         return fold_to_latency(model, example_inputs, config, ignored=ignored, inplace=inplace,
                                device=device, calibration=calibration)
