@@ -6,7 +6,8 @@
 * CNNs (`target_macs`, uniform allocation, fold-naive: speed depends on shapes only):
   CIFAR-style ResNet18 and VGG11-BN at base width 32 on 3x32x32 inputs, and the real ImageNet
   MobileNetV2 (torchvision weights, 3x224x224), each with exact channel counts
-  (`round_to=1`) and with counts rounded to multiples of 8 (`round_to=8`).
+  (`round_to=1`), with counts rounded to multiples of 8 (`round_to=8`) and with the multiple
+  measured at batch 32 (`round_to="auto"`; the table shows the one chosen, e.g. auto:8).
 * SmolLM2-135M (fp32): MLP channels removed until the counted MACs of a 128-token forward
   pass fall by the target (the embedding lookup costs no MACs and the 49,152-wide output layer
   stays, so 75 % is out of reach); shapes from the data-free magnitude selection
@@ -49,6 +50,9 @@ def cnn(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
 
 def timed(model: torch.nn.Module, x, compiled: bool, runs: int) -> float:
     if compiled:
+        # a fresh compiler state per model: dynamo's per-function recompile limit (8) would
+        # otherwise make later models of one process run uncompiled
+        torch._dynamo.reset()
         model = torch.compile(model)
         median_latency(model, x, runs=1, warmup=1)  # compile outside the timing
     return median_latency(model, x, runs=runs, warmup=2)
@@ -61,17 +65,21 @@ def cnn_rows(name: str, compile_too: bool) -> list[dict]:
     dense_macs = count_macs(dense, one)
     settings = [(one, False), (batch, False)] + ([(batch, True)] if compile_too else [])
     measured = []  # (target, round_to, model, macs, batch, compiled, seconds)
-    variants = [(0.0, 1)] + [(t, r) for t in TARGETS for r in (1, 8)] + [(0.0, 1)]
+    variants = [(0.0, 1)] + [(t, r) for t in TARGETS for r in (1, 8, "auto")] + [(0.0, 1)]
     for target, multiple in variants:
         if target == 0:
             model = dense
         else:
             try:
-                model = mf.fold(dense, one, config=mf.FoldConfig(
-                    target_macs=target, round_to=multiple, sparsity_tolerance=0.03))
+                # "auto" measures the multiple at batch 32, the batch the speed goal is for
+                model = mf.fold(dense, batch if multiple == "auto" else one,
+                                config=mf.FoldConfig(target_macs=target, round_to=multiple,
+                                                     sparsity_tolerance=0.03))
             except mf.FoldError as exc:
                 print(f"{name} {target} round_to={multiple}: {exc}", flush=True)
                 continue
+            if multiple == "auto":
+                multiple = f"auto:{model._modelfold_record.config['round_to']}"
         macs = count_macs(model, one)
         for x, compiled in settings:
             seconds = timed(model, x, compiled, runs=30 if x.shape[0] == 1 else 10)
@@ -179,8 +187,8 @@ def plot(rows: list[dict]) -> None:
         for r in rows:
             if int(r["batch"]) != batch or float(r["target_macs"]) == 0:
                 continue
-            label = f"{r['model']} r{r['round_to']}" + (" compiled" if r["compile"] == "on"
-                                                          else "")
+            rounding = str(r["round_to"]).split(":")[0]  # auto:8 -> one "auto" line
+            label = f"{r['model']} r{rounding}" + (" compiled" if r["compile"] == "on" else "")
             series.setdefault(label, []).append((float(r["macs_removed"]),
                                                  float(r["speedup"])))
         for j, (label, pts) in enumerate(sorted(series.items())):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -119,14 +118,11 @@ def reference_kmeans(x: torch.Tensor, k: int, n_init: int = 3, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     best = None
     for _ in range(n_init):
-        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))
-        chosen = [int(rng.integers(n))]
-        closest = ((x - x[chosen[0]]) ** 2).sum(1).double()
+        chosen = [int(torch.randint(n, (1,), generator=gen))]
+        closest = ((x - x[chosen[0]]) ** 2).sum(1)
         for _ in range(1, k):
-            cumulative = closest.cumsum(0).numpy()  # D^2 sampling by inverse CDF
-            cand = torch.from_numpy(np.searchsorted(
-                cumulative, rng.random(trials) * cumulative[-1], side="right"))
-            trial = torch.minimum(closest, torch.cdist(x[cand], x).double() ** 2)
+            cand = torch.multinomial(closest, trials, replacement=True, generator=gen)
+            trial = torch.minimum(closest, torch.cdist(x[cand], x) ** 2)
             j = int(trial.sum(1).argmin())
             chosen.append(int(cand[j]))
             closest = trial[j]

@@ -112,7 +112,7 @@ def test_self_generated_repair_brings_the_folded_model_closer_and_is_determinist
     repaired = mf.fold(model, ratio=0.5, repair="self_generated")
     again = mf.fold(model, ratio=0.5, repair="self_generated")
     ref = logits(model)
-    assert (logits(repaired) - ref).norm() < 0.98 * (logits(plain) - ref).norm()
+    assert (logits(repaired) - ref).norm() < 0.97 * (logits(plain) - ref).norm()
     torch.testing.assert_close(logits(repaired), logits(again), rtol=0, atol=0)
     assert repaired._modelfold_llm_record["settings"]["repair"] == "self_generated"
     for layer_p, layer_r in zip(plain.model.layers, repaired.model.layers, strict=True):

@@ -45,30 +45,29 @@ def _exact_zeros(d: torch.Tensor, x_sq: torch.Tensor, c_sq: torch.Tensor) -> tor
 
 
 def _plus_plus(n: int, k: int, rows: Callable[[np.ndarray], np.ndarray],
-               rng: np.random.Generator) -> list[int]:
+               gen: torch.Generator) -> list[int]:
     """Row indices of k centers by greedy k-means++ (as scikit-learn): of 2 + ln k candidates
-    drawn by D^2 sampling (inverse CDF of the closest-center distances), keep the one that
-    lowers the potential most; the winner's distances become the new closest-center
-    distances. `rows(idx)` gives the (len(idx), n) squared distances of rows idx to all rows
-    (NumPy, on the CPU). The loop runs k times and runs in NumPy: a step is a handful of
-    calls on n-vectors, and NumPy's per-call cost is a fraction of torch's (in torch, seeding
-    was a third of a ResNet18 fold)."""
+    drawn by D^2 sampling, keep the one that lowers the potential most; the winner's distances
+    become the new closest-center distances. `rows(idx)` gives the (len(idx), n) float32
+    squared distances of rows idx to all rows (NumPy, on the CPU). The loop runs k times:
+    apart from the draw and the potentials' sum (in torch, so that a seed gives the clustering
+    it always gave, bit for bit), a step is a handful of NumPy calls on n-vectors, whose
+    per-call cost is a fraction of torch's (in torch, seeding was a third of a ResNet18
+    fold)."""
     trials = 2 + int(math.log(k))
-    first = int(rng.integers(n))
+    first = int(torch.randint(n, (1,), generator=gen))
     centers = [first]
-    closest = rows(np.array([first]))[0].astype(np.float64)
+    closest = rows(np.array([first]))[0]
     for _ in range(1, k):
-        cumulative = np.cumsum(closest)
-        total = cumulative[-1]
-        if not total > 0:  # fewer distinct points than k: take an unused one
+        if not closest.any():  # fewer distinct points than k: take an unused one
             unused = np.ones(n, dtype=bool)
             unused[centers] = False
             centers.append(int(np.flatnonzero(unused)[0]))
             continue
-        candidates = np.minimum(np.searchsorted(cumulative, rng.random(trials) * total,
-                                                side="right"), n - 1)
+        weights = torch.from_numpy(closest.astype(np.float64))  # multinomial normalises D^2
+        candidates = torch.multinomial(weights, trials, replacement=True, generator=gen).numpy()
         trial = np.minimum(closest, rows(candidates))
-        j = int(trial.sum(1).argmin())
+        j = int(torch.from_numpy(trial).sum(1).argmin())  # torch's summation order, as ever
         centers.append(int(candidates[j]))
         closest = trial[j]
     return centers
@@ -84,7 +83,7 @@ def _distance_rows(x: torch.Tensor, x_sq: torch.Tensor, pair: torch.Tensor | Non
 
     def rows(idx: np.ndarray) -> np.ndarray:
         i = torch.from_numpy(idx).to(x.device)
-        return _exact_zeros(_sq_dists(x[i], x_sq[i], x), x_sq[i], x_sq).double().cpu().numpy()
+        return _exact_zeros(_sq_dists(x[i], x_sq[i], x), x_sq[i], x_sq).cpu().numpy()
 
     return rows
 
@@ -289,9 +288,7 @@ def kmeans(
     rows = _distance_rows(x, x_sq, pair)
     best: tuple[torch.Tensor, float] | None = None
     for _ in range(n_init):
-        # one NumPy stream per restart, drawn from the seeded torch generator
-        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))
-        seeds = torch.tensor(_plus_plus(n, k, rows, rng), device=x.device)
+        seeds = torch.tensor(_plus_plus(n, k, rows, gen), device=x.device)
         labels, inertia = _lloyd(x, x_sq, seeds, max_iter, tol, pair)
         if hartigan:
             labels = _hartigan(x, x_sq, labels, k, max_iter)
