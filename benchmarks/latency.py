@@ -16,6 +16,8 @@
 Latency: median of repeated forward passes after warm-up (`modelfold.latency.median_latency`),
 batch 1 and batch 32 (LLM: 1 x 128 and 32 x 128 tokens), eager, and for the CNNs at batch 32
 also `torch.compile` (inductor, first call excluded); the dense model in the same process.
+CNNs: the dense and all folded models of a setting are timed in turn, three rounds, each
+keeping its fastest (robust to a shared machine's drifting speed).
 The "ideal" speed-up is dense MACs / folded MACs. Results:
 benchmarks/results/latency_cpu.{csv,md,png} (speed-up against MAC reduction, ideal line).
 """
@@ -48,14 +50,24 @@ def cnn(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     return create_model(name, width=32).eval(), (3, 32, 32)
 
 
-def timed(model: torch.nn.Module, x, compiled: bool, runs: int) -> float:
+ROUNDS = 3  # timing rounds over all models of one setting
+
+
+def timed(models: list[torch.nn.Module], x, compiled: bool, runs: int) -> list[float]:
+    """Seconds per forward pass of every model on `x`: the models are timed in turn, ROUNDS
+    times, and each keeps its fastest round, so that a drift in the machine's speed (other
+    jobs on a shared host) slows the dense and the folded models alike."""
     if compiled:
-        # a fresh compiler state per model: dynamo's per-function recompile limit (8) would
-        # otherwise make later models of one process run uncompiled
-        torch._dynamo.reset()
-        model = torch.compile(model)
-        median_latency(model, x, runs=1, warmup=1)  # compile outside the timing
-    return median_latency(model, x, runs=runs, warmup=2)
+        # every folded shape is a recompile of the same forward(): room for all of them
+        torch._dynamo.config.recompile_limit = 4 * len(models)
+        models = [torch.compile(m) for m in models]
+        for m in models:
+            median_latency(m, x, runs=1, warmup=1)  # compile outside the timing
+    best = [float("inf")] * len(models)
+    for _ in range(ROUNDS):
+        for i, m in enumerate(models):
+            best[i] = min(best[i], median_latency(m, x, runs=runs, warmup=1))
+    return best
 
 
 def cnn_rows(name: str, compile_too: bool) -> list[dict]:
@@ -64,12 +76,9 @@ def cnn_rows(name: str, compile_too: bool) -> list[dict]:
     batch = torch.randn(32, *shape)
     dense_macs = count_macs(dense, one)
     settings = [(one, False), (batch, False)] + ([(batch, True)] if compile_too else [])
-    measured = []  # (target, round_to, model, macs, batch, compiled, seconds)
-    variants = [(0.0, 1)] + [(t, r) for t in TARGETS for r in (1, 8, "auto")] + [(0.0, 1)]
-    for target, multiple in variants:
-        if target == 0:
-            model = dense
-        else:
+    variants = [(0.0, 1, dense)]  # (target, round_to, model)
+    for target in TARGETS:
+        for multiple in (1, 8, "auto"):
             try:
                 # "auto" measures the multiple at batch 32, the batch the speed goal is for
                 model = mf.fold(dense, batch if multiple == "auto" else one,
@@ -80,23 +89,17 @@ def cnn_rows(name: str, compile_too: bool) -> list[dict]:
                 continue
             if multiple == "auto":
                 multiple = f"auto:{model._modelfold_record.config['round_to']}"
-        macs = count_macs(model, one)
-        for x, compiled in settings:
-            seconds = timed(model, x, compiled, runs=30 if x.shape[0] == 1 else 10)
-            measured.append((target, multiple, model, macs, x.shape[0], compiled, seconds))
-    # the dense model is timed first and last (the first compiled model of a process can run
-    # slower than later ones): the faster of the two is the baseline
-    base = {}
-    for target, _, _, _, b, compiled, seconds in measured:
-        if target == 0:
-            base[(b, compiled)] = min(seconds, base.get((b, compiled), seconds))
+            variants.append((target, multiple, model))
     rows = []
-    for target, multiple, model, macs, b, compiled, seconds in measured[:-len(settings)]:
-        if target == 0:
-            seconds = base[(b, compiled)]
-        rows.append(row(name, target, multiple, 1 - macs / dense_macs, model, b, compiled,
-                        seconds, base[(b, compiled)] / seconds, dense_macs / macs))
-    return rows
+    for x, compiled in settings:
+        seconds = timed([m for _, _, m in variants], x, compiled,
+                        runs=10 if x.shape[0] == 1 else 4)
+        for (target, multiple, model), t in zip(variants, seconds, strict=True):
+            macs = count_macs(model, one)
+            rows.append(row(name, target, multiple, 1 - macs / dense_macs, model, x.shape[0],
+                            compiled, t, seconds[0] / t, dense_macs / macs))
+    return sorted(rows, key=lambda r: (r["target_macs"], str(r["round_to"]), r["batch"],
+                                       r["compile"]))
 
 
 def row(model: str, target: float, multiple: int, removed: float, net, batch: int,

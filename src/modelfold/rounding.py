@@ -21,6 +21,7 @@ CANDIDATES = (1, 8, 16, 32, 64)
 # a coarser multiple must run this much faster than the best finer one to win: the timings
 # of a shared machine differ by a few per cent from run to run
 MARGIN = 0.03
+ROUNDS = 3  # timing rounds over all candidates
 
 
 def resolve_round_to(config: Any, inputs: Any, dense_macs: int,
@@ -44,17 +45,23 @@ def resolve_round_to(config: Any, inputs: Any, dense_macs: int,
                                 clusterer="kmeans", n_init=1, round_to=1,
                                 allocation="uniform" if config.self_calibrate
                                 else config.allocation)
-    timings: dict[int, float] = {}
+    folds: dict[int, nn.Module] = {}
     budget: dict[str, Any] = {}
     for multiple in CANDIDATES:
         try:
-            folded = fold(dataclasses.replace(probe, **budget, round_to=multiple))
+            folds[multiple] = fold(dataclasses.replace(probe, **budget, round_to=multiple))
         except FoldError:
             continue  # this multiple cannot meet the budget on this model
-        timings[multiple] = median_latency(folded, inputs)
         if multiple == 1 and config.ratio is not None:
             budget = {"ratio": None,
-                      "target_macs": 1.0 - count_macs(folded, inputs) / dense_macs}
+                      "target_macs": 1.0 - count_macs(folds[1], inputs) / dense_macs}
+    # candidates timed in turn, ROUNDS times, the fastest round each: a machine whose speed
+    # drifts (other jobs) slows every candidate alike instead of the ones timed last
+    timings: dict[int, float] = {}
+    for _ in range(ROUNDS):
+        for multiple, folded in folds.items():
+            seconds = median_latency(folded, inputs, runs=3)
+            timings[multiple] = min(seconds, timings.get(multiple, seconds))
     if not timings:
         raise FoldError("round_to='auto': no candidate multiple could be folded to this "
                         "budget.")

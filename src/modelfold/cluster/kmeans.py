@@ -7,10 +7,8 @@ device-agnostic clusterer that stays inside torch (no round trip for CUDA tensor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -44,48 +42,39 @@ def _exact_zeros(d: torch.Tensor, x_sq: torch.Tensor, c_sq: torch.Tensor) -> tor
     return d.masked_fill_(d <= tiny, 0.0)
 
 
-def _plus_plus(n: int, k: int, rows: Callable[[np.ndarray], np.ndarray],
-               gen: torch.Generator) -> list[int]:
+def _plus_plus(
+    x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator,
+    pair: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Row indices of k centers by greedy k-means++ (as scikit-learn): of 2 + ln k candidates
     drawn by D^2 sampling, keep the one that lowers the potential most; the winner's distances
-    become the new closest-center distances. `rows(idx)` gives the (len(idx), n) float32
-    squared distances of rows idx to all rows (NumPy, on the CPU). The loop runs k times:
-    apart from the draw and the potentials' sum (in torch, so that a seed gives the clustering
-    it always gave, bit for bit), a step is a handful of NumPy calls on n-vectors, whose
-    per-call cost is a fraction of torch's (in torch, seeding was a third of a ResNet18
-    fold)."""
+    become the new closest-center distances. `pair` (n, n), when given, holds every pairwise
+    squared distance (`_pairwise`), so each step is a row lookup instead of a matrix product
+    with x. The loop runs k times: it keeps to a handful of torch calls per step."""
+    n = x.shape[0]
     trials = 2 + int(math.log(k))
+
+    def rows(idx: torch.Tensor) -> torch.Tensor:  # (len(idx), n) distances of idx to all
+        if pair is not None:
+            return pair.index_select(0, idx)
+        return _exact_zeros(_sq_dists(x[idx], x_sq[idx], x), x_sq[idx], x_sq)
+
     first = int(torch.randint(n, (1,), generator=gen))
     centers = [first]
-    closest = rows(np.array([first]))[0]
+    closest = rows(torch.tensor([first], device=x.device))[0]
     for _ in range(1, k):
-        if not closest.any():  # fewer distinct points than k: take an unused one
-            unused = np.ones(n, dtype=bool)
+        weights = closest.double().cpu()  # multinomial normalises D^2 itself
+        if not float(weights.sum()) > 0:  # fewer distinct points than k: take an unused one
+            unused = torch.ones(n, dtype=torch.bool, device=x.device)
             unused[centers] = False
-            centers.append(int(np.flatnonzero(unused)[0]))
+            centers.append(int(torch.nonzero(unused)[0]))
             continue
-        weights = torch.from_numpy(closest.astype(np.float64))  # multinomial normalises D^2
-        candidates = torch.multinomial(weights, trials, replacement=True, generator=gen).numpy()
-        trial = np.minimum(closest, rows(candidates))
-        j = int(torch.from_numpy(trial).sum(1).argmin())  # torch's summation order, as ever
-        centers.append(int(candidates[j]))
+        candidates = torch.multinomial(weights, trials, replacement=True, generator=gen)
+        trial = torch.minimum(closest, rows(candidates.to(x.device)))
+        j = int(trial.sum(1).argmin())
+        centers.append(candidates.tolist()[j])
         closest = trial[j]
-    return centers
-
-
-def _distance_rows(x: torch.Tensor, x_sq: torch.Tensor, pair: torch.Tensor | None
-                   ) -> Callable[[np.ndarray], np.ndarray]:
-    """`rows` of `_plus_plus`: lookups in the pairwise matrix `pair` (`_pairwise`) when there
-    is one, else a matrix product of the rows with x."""
-    if pair is not None:
-        table = pair.cpu().numpy()
-        return lambda idx: table[idx]
-
-    def rows(idx: np.ndarray) -> np.ndarray:
-        i = torch.from_numpy(idx).to(x.device)
-        return _exact_zeros(_sq_dists(x[i], x_sq[i], x), x_sq[i], x_sq).cpu().numpy()
-
-    return rows
+    return torch.tensor(centers, device=x.device)
 
 
 def _pairwise(x: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
@@ -285,10 +274,9 @@ def kmeans(
     # Up to a few thousand rows, all pairwise distances (one matmul, shared by the restarts)
     # are cheaper than the ~k (2 + ln k) candidate products that seeding otherwise needs.
     pair = _pairwise(x, x_sq) if n * n <= _PAIRWISE_ELEMENTS else None
-    rows = _distance_rows(x, x_sq, pair)
     best: tuple[torch.Tensor, float] | None = None
     for _ in range(n_init):
-        seeds = torch.tensor(_plus_plus(n, k, rows, gen), device=x.device)
+        seeds = _plus_plus(x, x_sq, k, gen, pair)
         labels, inertia = _lloyd(x, x_sq, seeds, max_iter, tol, pair)
         if hartigan:
             labels = _hartigan(x, x_sq, labels, k, max_iter)
