@@ -22,8 +22,8 @@ def mac_clock(monkeypatch):
     calls = []
 
     def fake(model, inputs, **_kw):
-        calls.append(1)
-        return fake.overhead + count_macs(model, inputs) * 1e-9
+        calls.append(fake.overhead + count_macs(model, inputs) * 1e-9)
+        return calls[-1]
 
     fake.overhead = 0.0
     fake.calls = calls
@@ -45,7 +45,9 @@ def test_target_latency_finds_the_smallest_ratio_that_meets_the_goal(mac_clock):
     assert count_macs(slightly_less, X) * 1e-9 > goal  # a smaller ratio misses it
     assert record.config["target_latency"] == 0.4 and record.config["ratio"] is None
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert len(mac_clock.calls) == 1 + 1 + 6  # dense, the largest ratio, six bisection steps
+    # dense, the largest ratio, six bisection steps, and a second timing of every miss
+    misses = sum(t > goal for t in mac_clock.calls[1:]) // 2
+    assert len(mac_clock.calls) == 1 + 1 + 6 + misses and misses > 0
 
 
 def test_target_latency_in_place_and_unreachable_targets(mac_clock):
@@ -98,4 +100,4 @@ def test_target_latency_search_traces_the_model_once(mac_clock, monkeypatch):
     monkeypatch.setattr(modelfold.graph_fold, "discover_groups",
                         lambda *a, **k: traces.append(1) or real(*a, **k))
     mf.fold(make_model("resnet18"), X, target_latency=0.4)
-    assert len(mac_clock.calls) == 8 and len(traces) == 1  # seven folds, one trace
+    assert len(traces) == 1 and len(mac_clock.calls) >= 8  # seven folds, one trace
