@@ -98,3 +98,24 @@ def test_in_place_folds_never_use_or_fill_the_traces(traces):
         assert folded is model
         mf.fold(make_model("lenet5"), X, ratio=0.3)
         assert len(traces) == 2
+
+
+@pytest.mark.parametrize("budget", [{"target_sparsity": 0.5}, {"target_macs": 0.3},
+                                    {"target_memory": 60_000}])
+@pytest.mark.parametrize("allocation", ["uniform", "inertia"])
+def test_a_budget_search_clusters_each_group_once(budget, allocation, monkeypatch):
+    """Budgets are solved on channel counts alone (shapes): k-means then runs once per
+    folded group, never inside the search."""
+    calls: list[tuple[int, int]] = []
+    real = modelfold.graph_fold.cluster_channels
+
+    def counting(x, k, config):
+        calls.append((x.shape[0], k))
+        return real(x, k, config)
+
+    monkeypatch.setattr(modelfold.graph_fold, "cluster_channels", counting)
+    config = mf.FoldConfig(allocation=allocation, sparsity_tolerance=0.03, **budget)
+    folded = mf.fold(make_model("resnet18"), X, config=config)
+    plan = folded._modelfold_record.plan["groups"]
+    assert len(calls) == len(plan) > 0
+    assert sorted(calls) == sorted((g["n"], g["k"]) for g in plan.values())
