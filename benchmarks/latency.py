@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import modelfold as mf
-from modelfold.latency import median_latency
+from modelfold.latency import fastest_in_turn, median_latency
 from modelfold.macs import count_macs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,20 +54,15 @@ ROUNDS = 3  # timing rounds over all models of one setting
 
 
 def timed(models: list[torch.nn.Module], x, compiled: bool, runs: int) -> list[float]:
-    """Seconds per forward pass of every model on `x`: the models are timed in turn, ROUNDS
-    times, and each keeps its fastest round, so that a drift in the machine's speed (other
-    jobs on a shared host) slows the dense and the folded models alike."""
+    """Seconds per forward pass of every model on `x` (`fastest_in_turn`: timed in turn,
+    ROUNDS rounds, the fastest each), compiled first when asked."""
     if compiled:
         # every folded shape is a recompile of the same forward(): room for all of them
         torch._dynamo.config.recompile_limit = 4 * len(models)
         models = [torch.compile(m) for m in models]
         for m in models:
             median_latency(m, x, runs=1, warmup=1)  # compile outside the timing
-    best = [float("inf")] * len(models)
-    for _ in range(ROUNDS):
-        for i, m in enumerate(models):
-            best[i] = min(best[i], median_latency(m, x, runs=runs, warmup=1))
-    return best
+    return fastest_in_turn(models, x, rounds=ROUNDS, runs=runs)
 
 
 def cnn_rows(name: str, compile_too: bool) -> list[dict]:
@@ -90,14 +85,14 @@ def cnn_rows(name: str, compile_too: bool) -> list[dict]:
             if multiple == "auto":
                 multiple = f"auto:{model._modelfold_record.config['round_to']}"
             variants.append((target, multiple, model))
+    macs = [count_macs(model, one) for _, _, model in variants]
     rows = []
     for x, compiled in settings:
         seconds = timed([m for _, _, m in variants], x, compiled,
                         runs=10 if x.shape[0] == 1 else 4)
-        for (target, multiple, model), t in zip(variants, seconds, strict=True):
-            macs = count_macs(model, one)
-            rows.append(row(name, target, multiple, 1 - macs / dense_macs, model, x.shape[0],
-                            compiled, t, seconds[0] / t, dense_macs / macs))
+        for (target, multiple, model), m, t in zip(variants, macs, seconds, strict=True):
+            rows.append(row(name, target, multiple, 1 - m / dense_macs, model, x.shape[0],
+                            compiled, t, seconds[0] / t, dense_macs / m))
     return sorted(rows, key=lambda r: (r["target_macs"], str(r["round_to"]), r["batch"],
                                        r["compile"]))
 

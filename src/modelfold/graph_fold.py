@@ -57,7 +57,7 @@ def fold_graph(
         options = {"ignored": tuple(ignored), "device": device, "calibration": calibration}
         dev = resolve_device(device, model)
         inputs = to_device(example_inputs, dev)
-        dense = model if device_of(model) == dev else copy.deepcopy(model).to(dev)
+        dense = model_on(model, dev)
         with reuse_traces():  # one trace for the candidates and the fold
             config, measured = resolve_round_to(
                 config, inputs, count_macs(dense, inputs),
@@ -175,8 +175,7 @@ def fold_to_latency(model: nn.Module, example_inputs: Any, config: FoldConfig,
         raise FoldError("target_latency needs the example input the latency is measured on.")
     dev = resolve_device(options.get("device"), model)
     inputs = to_device(example_inputs, dev)
-    reference = model if device_of(model) == dev else copy.deepcopy(model).to(dev)
-    dense = median_latency(reference, inputs)
+    dense = median_latency(model_on(model, dev), inputs)
     goal = (1.0 - config.target_latency) * dense
     data = {**config.to_dict(), "target_latency": None}
     inplace = options.pop("inplace", False)
@@ -359,6 +358,11 @@ def group_infos(discovery: GroupDiscovery, plan: FoldPlan) -> list[GroupInfo]:
 def device_of(model: nn.Module) -> torch.device:
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+def model_on(model: nn.Module, dev: torch.device) -> nn.Module:
+    """`model` itself when it is on `dev` (only read), else a copy moved there."""
+    return model if device_of(model) == dev else copy.deepcopy(model).to(dev)
 
 
 def resolve_device(device, model: nn.Module) -> torch.device:

@@ -36,6 +36,19 @@ def median_latency(model: nn.Module, inputs: Any, *, runs: int = 5, warmup: int 
     return statistics.median(times)
 
 
+def fastest_in_turn(models: list[nn.Module], inputs: Any, *, rounds: int = 3,
+                    runs: int = 3) -> list[float]:
+    """Seconds per forward pass of every model on `inputs`: the models are timed in turn
+    (`median_latency` of `runs` passes), `rounds` times, and each keeps its fastest round, so
+    that a drift in the machine's speed (other jobs on a shared host) slows them all alike
+    instead of the ones timed last."""
+    best = [float("inf")] * len(models)
+    for _ in range(rounds):
+        for i, model in enumerate(models):
+            best[i] = min(best[i], median_latency(model, inputs, runs=runs))
+    return best
+
+
 def _tensors(inputs: Any) -> list[torch.Tensor]:
     if isinstance(inputs, torch.Tensor):
         return [inputs]

@@ -35,7 +35,7 @@ def resolve_round_to(config: Any, inputs: Any, dense_macs: int,
     (`target_macs`), so that every candidate spends the same budget and only the rounding
     differs. A candidate that cannot reach the budget (groups narrower than the multiple stay
     whole) is skipped. The returned config keeps the budget it was measured at."""
-    from modelfold.latency import median_latency
+    from modelfold.latency import fastest_in_turn
     from modelfold.macs import count_macs
 
     if config.target_latency is not None:
@@ -55,13 +55,8 @@ def resolve_round_to(config: Any, inputs: Any, dense_macs: int,
         if multiple == 1 and config.ratio is not None:
             budget = {"ratio": None,
                       "target_macs": 1.0 - count_macs(folds[1], inputs) / dense_macs}
-    # candidates timed in turn, ROUNDS times, the fastest round each: a machine whose speed
-    # drifts (other jobs) slows every candidate alike instead of the ones timed last
-    timings: dict[int, float] = {}
-    for _ in range(ROUNDS):
-        for multiple, folded in folds.items():
-            seconds = median_latency(folded, inputs, runs=3)
-            timings[multiple] = min(seconds, timings.get(multiple, seconds))
+    timings = dict(zip(folds, fastest_in_turn(list(folds.values()), inputs, rounds=ROUNDS),
+                       strict=True))
     if not timings:
         raise FoldError("round_to='auto': no candidate multiple could be folded to this "
                         "budget.")
